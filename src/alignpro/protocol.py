@@ -1,0 +1,238 @@
+"""OpenAI wire models shared by the gateway and the client.
+
+Requests are validated with these models; unknown request fields are kept (``extra="allow"``) and passed
+through to the upstream, so vLLM extras such as ``top_k`` or ``structured_outputs`` keep working. Responses are
+typed for the client; the gateway relays upstream JSON as dicts (re-validating every response would only cost
+time) and adds the ``alignpro`` extension object.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+Mode = Literal["off", "reference", "adapter", "optimal"]
+Contract = Literal["rewrite", "augment"]
+
+
+class _Open(BaseModel):
+    """A wire object that keeps fields it does not know (forward compatibility, upstream extras)."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+# ----------------------------------------------------------------------------------------------- errors
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+# ----------------------------------------------------------------------------------------- extension
+class AlignProOptions(BaseModel):
+    """Per-request options, sent as the ``alignpro`` field (``extra_body={"alignpro": {...}}`` in openai-python)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Mode | None = Field(None, description="Override the alias's prompter mode, when the gateway allows it.")
+    contract: Contract | None = Field(None, description="Override the output contract (rewrite or augment).")
+
+
+class AlignProInfo(_Open):
+    """What the prompter did for this response (the ``alignpro`` object on responses and first stream chunks)."""
+
+    mode: Mode
+    prompter: str | None = None
+    contract: Contract | None = None
+    original_prompt: str | None = None
+    rewritten_prompt: str | None = None
+    rewritten: bool = False
+    fallback: str | None = Field(None, description="Why the original prompt was used, when the prompter failed.")
+    cached: bool = False
+    prompter_ms: float = 0.0
+
+
+# ---------------------------------------------------------------------------------------------- requests
+class ChatMessage(_Open):
+    role: Literal["system", "user", "assistant", "tool", "developer", "function"]
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        """The message's text (text parts joined), for the prompter."""
+        if isinstance(self.content, str):
+            return self.content
+        if not self.content:
+            return ""
+        return "".join(str(p.get("text", "")) for p in self.content if p.get("type") == "text")
+
+
+class StreamOptions(_Open):
+    include_usage: bool = False
+
+
+class _SamplingRequest(_Open):
+    model: str = Field(..., min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    n: int = Field(1, ge=1, le=128)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    user: str | None = None
+    alignpro: AlignProOptions | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, v: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(v, list) and len(v) > 16:
+            raise ValueError("at most 16 stop sequences")
+        return v
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    def upstream_payload(self, model: str, **replace: Any) -> dict[str, Any]:
+        """The body to send upstream: what the caller set (extras included), minus our extension."""
+        body = self.model_dump(exclude_unset=True, exclude_none=False, exclude={"alignpro"})
+        body.update(replace)
+        body["model"] = model
+        return body
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    messages: list[ChatMessage] = Field(..., min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    def output_limit(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+class CompletionRequest(_SamplingRequest):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = Field(None, ge=0, le=20)
+    echo: bool | None = None
+    suffix: str | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _non_empty(cls, v: Any) -> Any:
+        if isinstance(v, list) and not v:
+            raise ValueError("prompt must not be empty")
+        return v
+
+    def output_limit(self) -> int | None:
+        return self.max_tokens
+
+
+class RewriteRequest(BaseModel):
+    """``POST /v1/alignpro/rewrite``: the optimised prompt without an answer."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(..., min_length=1)
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    alignpro: AlignProOptions | None = None
+
+
+# --------------------------------------------------------------------------------------------- responses
+class Usage(_Open):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class ChatChoice(_Open):
+    index: int
+    message: ChatMessage
+    finish_reason: str | None = None
+    logprobs: Any = None
+
+
+class ChatCompletion(_Open):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage | None = None
+    alignpro: AlignProInfo | None = None
+
+
+class ChatDelta(_Open):
+    role: str | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(_Open):
+    index: int
+    delta: ChatDelta
+    finish_reason: str | None = None
+    logprobs: Any = None
+
+
+class ChatCompletionChunk(_Open):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+    alignpro: AlignProInfo | None = None
+
+
+class CompletionChoice(_Open):
+    index: int
+    text: str
+    finish_reason: str | None = None
+    logprobs: Any = None
+
+
+class Completion(_Open):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+    alignpro: AlignProInfo | None = None
+
+
+class ModelCard(_Open):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    owned_by: str = "alignpro"
+
+
+class ModelList(_Open):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class RewriteResponse(BaseModel):
+    model: str
+    messages: list[ChatMessage] | None = None
+    prompt: str | None = None
+    alignpro: AlignProInfo
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"

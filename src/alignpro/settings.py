@@ -1,0 +1,171 @@
+"""Gateway settings: ``ALIGNPRO_*`` environment variables over a YAML file over the defaults.
+
+The defaults serve the embedded SmolLM2 in-process with no configuration. A deployment in front of vLLM names
+an ``openai`` engine and points the aliases at it, e.g. ``config.yaml``::
+
+    engines:
+      vllm: {kind: openai, urls: ["http://vllm-0:8000/v1", "http://vllm-1:8000/v1"],
+             model: HuggingFaceTB/SmolLM2-135M-Instruct}
+    aliases:
+      smollm2-aligned:
+        engine: vllm
+        prompter: {mode: adapter, engine: vllm, model: alignpro-prompter}   # a LoRA served by the same vLLM
+
+Nested values can also come from the environment: ``ALIGNPRO_ENGINES='{"vllm": {...}}'`` (JSON) or
+``ALIGNPRO_ALIASES__SMOLLM2_ALIGNED__PROMPTER__MODE=off``. The YAML file is ``--config`` or ``ALIGNPRO_CONFIG``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+from alignpro.errors import ConfigError
+from alignpro.protocol import Contract, Mode
+
+TRAINED = "trained"  # adapter path meaning "the prompter shipped inside the package"
+
+
+class EngineConfig(BaseModel):
+    """Something that generates text: the frozen model, the prompter, or both."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["local", "openai"] = Field("local", description="local: in-process transformers; openai: HTTP.")
+    model: str = Field(
+        "embedded",
+        description="local: a model folder or 'embedded'; openai: the upstream's model id for the base model.",
+    )
+    urls: list[str] = Field(default_factory=list, description="openai: base URLs ending in /v1 (replicas).")
+    api_key: SecretStr | None = Field(None, description="openai: bearer token sent upstream.")
+    adapters: dict[str, str] = Field(
+        default_factory=dict,
+        description="local: LoRA adapters by name (a peft folder or 'trained'); a request whose model is the "
+        "name runs with that adapter, as vLLM's --lora-modules does.",
+    )
+    dtype: str = Field("bfloat16", description="local: torch dtype of the weights.")
+    max_batch_size: int = Field(16, ge=1, description="local: most sequences decoded together.")
+    batch_wait_ms: float = Field(4.0, ge=0, description="local: how long a batch waits for company.")
+    max_inflight: int = Field(256, ge=1, description="openai: most concurrent requests per replica.")
+    failure_threshold: int = Field(3, ge=1, description="openai: consecutive failures that eject a replica.")
+    probe_interval_s: float = Field(5.0, gt=0, description="openai: how often an ejected replica is probed.")
+
+    @model_validator(mode="after")
+    def _check(self) -> EngineConfig:
+        if self.kind == "openai" and not self.urls:
+            raise ValueError("an openai engine needs at least one url")
+        return self
+
+
+class PrompterConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Mode = Field("reference", description="off | reference | adapter | optimal")
+    engine: str = Field("embedded", description="The engine that runs the prompter.")
+    model: str | None = Field(
+        None,
+        description="Model id sent to the prompter engine: an adapter name for mode=adapter; none = the base.",
+    )
+    contract: Contract = Field("rewrite", description="rewrite: a new prompt; augment: a system guidance.")
+    max_tokens: int = Field(128, ge=8, le=2048, description="Longest rewrite; a truncated one is not used.")
+    temperature: float = Field(0.7, ge=0, le=2)
+    top_p: float = Field(0.95, gt=0, le=1)
+    candidates: int = Field(4, ge=1, le=32, description="optimal mode: K rewrites scored per request.")
+    lam: float = Field(0.1, gt=0, description="optimal mode: temperature of exp(R/lam).")
+    fail_policy: Literal["open", "closed"] = Field(
+        "open", description="open: serve the original prompt when the prompter fails; closed: answer 503."
+    )
+    timeout_s: float = Field(60.0, gt=0, description="Budget for the prompter stage.")
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _yaml_off(cls, v: Any) -> Any:
+        # YAML 1.1 reads a bare `off` as False; that is what the user meant.
+        return "off" if v is False else v
+
+
+class AliasConfig(BaseModel):
+    """A model name the gateway exposes: a frozen engine plus a prompter."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    engine: str = Field("embedded", description="The engine that serves the frozen model.")
+    model: str | None = Field(None, description="Model id sent to that engine (default: the engine's model).")
+    prompter: PrompterConfig = Field(default_factory=PrompterConfig)
+
+
+def _default_aliases() -> dict[str, AliasConfig]:
+    return {
+        "smollm2-aligned": AliasConfig(),
+        "smollm2": AliasConfig(prompter=PrompterConfig(mode="off")),
+    }
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="ALIGNPRO_", env_nested_delimiter="__", extra="ignore", validate_default=True
+    )
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    config: Path | None = Field(None, description="YAML file with these settings (lower precedence than env).")
+
+    engines: dict[str, EngineConfig] = Field(default_factory=lambda: {"embedded": EngineConfig()})
+    aliases: dict[str, AliasConfig] = Field(default_factory=_default_aliases)
+
+    reveal_rewrite: bool = Field(True, description="Show original and rewritten prompts to callers.")
+    allow_mode_override: bool = Field(True, description="Let a request pick its prompter mode (alignpro.mode).")
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="Larger request bodies get 413.")
+    max_n: int = Field(16, ge=1)
+    max_tokens_cap: int = Field(4096, ge=1, description="Largest max_tokens accepted.")
+    connect_timeout_s: float = Field(5.0, gt=0)
+    read_timeout_s: float = Field(120.0, gt=0, description="Longest silence from an upstream.")
+    request_timeout_s: float = Field(600.0, gt=0, description="Total budget of a non-streaming request.")
+    rewrite_cache_size: int = Field(4096, ge=0, description="Cached rewrites (0 disables the cache).")
+    rewrite_cache_ttl_s: float = Field(3600.0, gt=0)
+    api_keys: list[SecretStr] = Field(default_factory=list, description="Accepted API keys; empty = open.")
+    log_level: str = "info"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        # The file named by the `config` argument or ALIGNPRO_CONFIG ranks below the environment.
+        path = getattr(init_settings, "init_kwargs", {}).get("config") or os.environ.get("ALIGNPRO_CONFIG")
+        if path:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=path))
+        return tuple(sources)
+
+    @model_validator(mode="after")
+    def _check_refs(self) -> Settings:
+        for name, alias in self.aliases.items():
+            for ref in (alias.engine, alias.prompter.engine):
+                if alias.prompter.mode == "off" and ref is alias.prompter.engine:
+                    continue
+                if ref not in self.engines:
+                    raise ValueError(f"alias {name!r} names engine {ref!r}, which is not in engines")
+        return self
+
+
+def load_settings(config: str | Path | None = None, **overrides: Any) -> Settings:
+    """Settings from ``overrides`` > ``ALIGNPRO_*`` env > the YAML file (``config`` or ``ALIGNPRO_CONFIG``)."""
+    if config is not None:
+        if not Path(config).is_file():
+            raise ConfigError(f"config file {config} does not exist")
+        overrides["config"] = Path(config)
+    return Settings(**overrides)

@@ -24,6 +24,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from alignpro.errors import ConfigError
 
@@ -104,7 +105,7 @@ def _convert(src: Path, out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
-    model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.bfloat16)
+    model: Any = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.bfloat16)
     # The GGUF loader dequantizes the weights but leaves a quantizer attached, and save_pretrained refuses a
     # quantized model. The weights are plain tensors by now, so drop the quantizer before saving.
     model.hf_quantizer = None
@@ -125,7 +126,7 @@ def _verify(out: Path) -> None:
     if not tokenizer.chat_template:
         raise RuntimeError("the converted tokenizer has no chat template")
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True)
+    ids: Any = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True)
     if not isinstance(ids, list):  # transformers 5 returns a BatchEncoding
         ids = ids["input_ids"]
     with torch.no_grad():
@@ -147,9 +148,7 @@ def prepare(model: EmbeddedModel = DEFAULT_MODEL, home: Path | None = None, forc
     try:
         _convert(src, tmp)
         _verify(tmp)
-        files = {
-            p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file() and p.name != MANIFEST
-        }
+        files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file() and p.name != MANIFEST}
         manifest = {"name": model.name, "served_name": model.served_name, "source": src.name, "files": files}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         if dest.exists():

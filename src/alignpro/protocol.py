@@ -42,7 +42,9 @@ class AlignProOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    mode: Mode | None = Field(None, description="Override the alias's prompter mode, when the gateway allows it.")
+    mode: Mode | None = Field(
+        None, description="Override the alias's prompter mode, when the gateway allows it."
+    )
     contract: Contract | None = Field(None, description="Override the output contract (rewrite or augment).")
 
 
@@ -55,7 +57,10 @@ class AlignProInfo(_Open):
     original_prompt: str | None = None
     rewritten_prompt: str | None = None
     rewritten: bool = False
-    fallback: str | None = Field(None, description="Why the original prompt was used, when the prompter failed.")
+    guidance: str | None = Field(None, description="augment contract: the system guidance that was added.")
+    fallback: str | None = Field(
+        None, description="Why the original prompt was used, when the prompter failed."
+    )
     cached: bool = False
     prompter_ms: float = 0.0
 

@@ -40,7 +40,9 @@ class EngineConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    kind: Literal["local", "openai"] = Field("local", description="local: in-process transformers; openai: HTTP.")
+    kind: Literal["local", "openai"] = Field(
+        "local", description="local: in-process transformers; openai: HTTP."
+    )
     model: str = Field(
         "embedded",
         description="local: a model folder or 'embedded'; openai: the upstream's model id for the base model.",
@@ -117,13 +119,17 @@ class Settings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
-    config: Path | None = Field(None, description="YAML file with these settings (lower precedence than env).")
+    config: Path | None = Field(
+        None, description="YAML file with these settings (lower precedence than env)."
+    )
 
     engines: dict[str, EngineConfig] = Field(default_factory=lambda: {"embedded": EngineConfig()})
     aliases: dict[str, AliasConfig] = Field(default_factory=_default_aliases)
 
     reveal_rewrite: bool = Field(True, description="Show original and rewritten prompts to callers.")
-    allow_mode_override: bool = Field(True, description="Let a request pick its prompter mode (alignpro.mode).")
+    allow_mode_override: bool = Field(
+        True, description="Let a request pick its prompter mode (alignpro.mode)."
+    )
     max_body_bytes: int = Field(1 << 20, ge=1024, description="Larger request bodies get 413.")
     max_n: int = Field(16, ge=1)
     max_tokens_cap: int = Field(4096, ge=1, description="Largest max_tokens accepted.")

@@ -1,0 +1,50 @@
+"""The ``alignpro`` command line. Each command lives in its own module with a ``register(subparsers)``.
+
+alignpro serve [--host H] [--port P] [--config FILE]   serve the aligned OpenAI-compatible API
+alignpro models prepare [--force]                      convert the embedded model into safetensors
+alignpro rewrite "PROMPT" [--model ALIAS]              print the prompter's rewrite of PROMPT
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Callable, Sequence
+
+from alignpro import __version__
+from alignpro.errors import AlignProError
+
+# Modules that add sub-commands; imported lazily-light (their heavy imports happen inside the commands).
+COMMAND_MODULES = [
+    "alignpro.cli.serve",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="alignpro",
+        description="AlignPro: an alignment proxy for frozen LLMs. A prompter rewrites each prompt before a "
+        "frozen model answers it (Align-Pro, arXiv 2501.03486).",
+    )
+    p.add_argument("--version", action="version", version=f"alignpro {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except AlignProError as exc:
+        print(f"alignpro: {exc.message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

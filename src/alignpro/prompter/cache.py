@@ -1,0 +1,58 @@
+"""A bounded LRU cache of rewrites with a TTL.
+
+Keyed by the prompter's identity (engine, model or adapter, contract, mode) and the exact request text, so a
+new prompter version never serves an old rewrite. A cached rewrite is one sample x' ~ rho(.|x) reused for
+repeats of the same x: this trades sample diversity for latency, which is the point of the cache.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+V = TypeVar("V")
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        total = self.hits + self.misses
+        return self.hits / total if total else 0.0
+
+
+class TTLCache(Generic[V]):
+    def __init__(self, maxsize: int, ttl_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.maxsize = maxsize
+        self.ttl_s = ttl_s
+        self.clock = clock
+        self._items: OrderedDict[tuple[str, ...], tuple[float, V]] = OrderedDict()
+        self.stats = CacheStats()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, key: tuple[str, ...]) -> V | None:
+        item = self._items.get(key)
+        if item is None or item[0] < self.clock():
+            if item is not None:
+                del self._items[key]
+            self.stats.misses += 1
+            return None
+        self._items.move_to_end(key)
+        self.stats.hits += 1
+        return item[1]
+
+    def put(self, key: tuple[str, ...], value: V) -> None:
+        if self.maxsize <= 0:
+            return
+        self._items[key] = (self.clock() + self.ttl_s, value)
+        self._items.move_to_end(key)
+        while len(self._items) > self.maxsize:
+            self._items.popitem(last=False)

@@ -1,0 +1,131 @@
+"""The prompter stage of the gateway: x -> x' before the frozen model sees the request.
+
+Modes: ``off`` (pass-through), ``reference`` (rho_ref: the base instruct model under the rewrite instruction),
+``adapter`` (a trained LoRA prompter: the same instruction, run on the adapter, locally or as a vLLM LoRA
+module), ``optimal`` (the rho* sampler: K candidates scored with the frozen model and a reward, one drawn with
+probability proportional to exp(R/lam); see :mod:`alignpro.prompter.optimal`).
+
+Failure policy: with ``fail_policy=open`` a prompter error, timeout or unusable output serves the original prompt
+and says why in ``alignpro.fallback``; with ``closed`` an unavailable prompter answers 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from alignpro.backends.base import Engine
+from alignpro.errors import AlignProError, InvalidRequestError, UpstreamUnavailableError
+from alignpro.prompter.cache import TTLCache
+from alignpro.prompter.reference import parse_output, prompter_messages
+from alignpro.protocol import AlignProInfo, Contract, Mode
+from alignpro.settings import PrompterConfig
+
+# (text, contract) -> the chosen rewrite; installed by the rho* sampler
+OptimalSampler = Callable[[str, Contract], Awaitable[str]]
+
+
+@dataclass
+class Rewrite:
+    """The outcome of the stage: what to send, and what to report."""
+
+    info: AlignProInfo
+    prompt: str  # the user text to send (rewritten, or the original)
+    guidance: str | None = None  # augment contract: the system guidance to add
+
+
+class PrompterStage:
+    def __init__(
+        self,
+        cfg: PrompterConfig,
+        engine: Engine | None,
+        cache: TTLCache[str] | None = None,
+        optimal: OptimalSampler | None = None,
+        on_fallback: Callable[[str], None] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.engine = engine
+        self.cache = cache
+        self.optimal = optimal
+        self.on_fallback = on_fallback
+
+    def name(self, mode: Mode) -> str | None:
+        if mode == "off" or self.engine is None:
+            return None
+        model = self.cfg.model if mode in ("adapter", "optimal") and self.cfg.model else "base"
+        return f"{self.engine.name}/{model}"
+
+    async def generate(
+        self, text: str, mode: Mode, contract: Contract, n: int = 1
+    ) -> list[tuple[str, str | None]]:
+        """Draw ``n`` raw prompter outputs (text, finish_reason) for ``text``."""
+        if self.engine is None:
+            raise UpstreamUnavailableError("no prompter engine is configured", code="prompter_unavailable")
+        use_adapter = mode == "adapter" or (mode == "optimal" and self.cfg.model is not None)
+        model = self.cfg.model if use_adapter and self.cfg.model else self.engine.default_model()
+        if mode == "adapter" and not self.cfg.model:
+            raise InvalidRequestError(
+                "mode 'adapter' needs prompter.model (the adapter's name)", param="alignpro"
+            )
+        body: dict[str, Any] = {
+            "model": model,
+            "messages": prompter_messages(text, contract),
+            "max_tokens": self.cfg.max_tokens,
+            "temperature": self.cfg.temperature,
+            "top_p": self.cfg.top_p,
+            "n": n,
+        }
+        resp = await self.engine.chat(body)
+        return [(str(c["message"].get("content") or ""), c.get("finish_reason")) for c in resp["choices"]]
+
+    async def rewrite(self, text: str, mode: Mode, contract: Contract | None = None) -> Rewrite:
+        contract = contract or self.cfg.contract
+        info = AlignProInfo(mode=mode, prompter=self.name(mode), contract=contract, original_prompt=text)
+        if mode == "off":
+            return Rewrite(info, text)
+        if mode == "optimal" and self.optimal is None:
+            raise InvalidRequestError(
+                "mode 'optimal' is not configured on this gateway", param="alignpro.mode"
+            )
+        key = (info.prompter or "", mode, contract, text)
+        start = time.perf_counter()
+        cached = self.cache.get(key) if self.cache is not None and mode != "optimal" else None
+        out: str | None = cached
+        reason: str | None = None
+        if out is None:
+            try:
+                async with asyncio.timeout(self.cfg.timeout_s):
+                    if mode == "optimal":
+                        assert self.optimal is not None
+                        out = await self.optimal(text, contract)
+                    else:
+                        raw, finish = (await self.generate(text, mode, contract))[0]
+                        parsed = parse_output(raw, finish, text)
+                        out, reason = parsed.text, parsed.reason
+            except InvalidRequestError:
+                raise
+            except (AlignProError, TimeoutError, OSError) as exc:
+                if self.cfg.fail_policy == "closed":
+                    raise UpstreamUnavailableError(
+                        f"the prompter is unavailable ({type(exc).__name__})", code="prompter_unavailable"
+                    ) from exc
+                reason = "prompter_unavailable"
+            if out is not None and self.cache is not None and mode != "optimal":
+                self.cache.put(key, out)
+        info.prompter_ms = round((time.perf_counter() - start) * 1000, 3)
+        info.cached = cached is not None
+        if out is None:
+            info.fallback = reason
+            if self.on_fallback is not None and reason is not None:
+                self.on_fallback(reason)
+            return Rewrite(info, text)
+        info.rewritten = True
+        if contract == "augment":
+            info.rewritten_prompt = text
+            info.guidance = out
+            return Rewrite(info, text, guidance=out)
+        info.rewritten_prompt = out
+        return Rewrite(info, out)

@@ -1,0 +1,66 @@
+"""One place that turns exceptions into OpenAI-shaped error responses."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from alignpro.errors import AlignProError, ValidationFailed
+
+log = logging.getLogger(__name__)
+
+
+def validation_error(exc: ValidationError | RequestValidationError) -> ValidationFailed:
+    """The first pydantic error as a 422 naming the field (``messages.0.role``)."""
+    errors = exc.errors()
+    first: dict[str, Any] = dict(errors[0]) if errors else {}
+    loc = [str(p) for p in first.get("loc", ()) if p not in ("body",)]
+    param = ".".join(loc) or None
+    msg = str(first.get("msg", "invalid request"))
+    extra = f" (and {len(errors) - 1} more errors)" if len(errors) > 1 else ""
+    return ValidationFailed(f"{param}: {msg}{extra}" if param else msg + extra, param=param)
+
+
+def error_response(exc: BaseException) -> Response:
+    if isinstance(exc, (ValidationError, RequestValidationError)):
+        exc = validation_error(exc)
+    if isinstance(exc, AlignProError):
+        return JSONResponse(exc.to_dict(), status_code=exc.status_code, headers=exc.headers)
+    if isinstance(exc, StarletteHTTPException):
+        code = "not_found" if exc.status_code == 404 else None
+        kind = "invalid_request_error" if exc.status_code < 500 else "internal_error"
+        body = {"error": {"message": str(exc.detail), "type": kind, "param": None, "code": code}}
+        return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+    log.error("unhandled error", exc_info=exc)
+    body = {"error": {"message": "internal error", "type": "internal_error", "param": None, "code": None}}
+    return JSONResponse(body, status_code=500)
+
+
+def error_event(exc: BaseException) -> bytes:
+    """An error raised after a stream started: an SSE event in the OpenAI error shape."""
+    resp = error_response(exc)
+    return b"data: " + bytes(resp.body) + b"\n\n"
+
+
+def install(app: FastAPI) -> None:
+    async def handler(request: Request, exc: Exception) -> Response:
+        return error_response(exc)
+
+    for kind in (AlignProError, RequestValidationError, ValidationError, StarletteHTTPException, Exception):
+        app.add_exception_handler(kind, handler)
+
+
+def parse_json(body: bytes) -> Any:
+    from alignpro.errors import InvalidRequestError
+
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidRequestError(f"the request body is not valid JSON: {exc}", code="invalid_json") from exc

@@ -1,0 +1,353 @@
+"""The gateway's core: aliases -> (prompter stage, frozen engine), and the request path between them.
+
+A request for alias A goes: validate -> prompter stage (x -> x') -> the frozen engine of A with x' -> the
+response, with the ``alignpro`` extension object and ``x-alignpro-*`` headers. Routes in
+:mod:`alignpro.server.app` are thin wrappers around :meth:`Gateway.chat`, :meth:`Gateway.completion` and
+:meth:`Gateway.rewrite`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from alignpro.backends.base import DONE_EVENT, Engine
+from alignpro.backends.local import LocalEngine
+from alignpro.backends.openai import OpenAIEngine
+from alignpro.errors import (
+    AlignProError,
+    AuthenticationError,
+    InvalidRequestError,
+    NotFoundError,
+    PermissionDeniedError,
+)
+from alignpro.prompter.cache import TTLCache
+from alignpro.prompter.stage import OptimalSampler, PrompterStage, Rewrite
+from alignpro.protocol import (
+    AlignProInfo,
+    AlignProOptions,
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    Contract,
+    Mode,
+    ModelCard,
+    ModelList,
+    RewriteRequest,
+    RewriteResponse,
+)
+from alignpro.server.errors import error_event
+from alignpro.server.metrics import Metrics
+from alignpro.settings import AliasConfig, EngineConfig, Settings
+
+
+def build_engine(name: str, cfg: EngineConfig, settings: Settings) -> Engine:
+    if cfg.kind == "local":
+        return LocalEngine(name, cfg)
+    timeout = httpx.Timeout(
+        connect=settings.connect_timeout_s,
+        read=settings.read_timeout_s,
+        write=30.0,
+        pool=settings.connect_timeout_s,
+    )
+    return OpenAIEngine(name, cfg, timeout, settings.request_timeout_s)
+
+
+@dataclass
+class Route:
+    alias: str
+    cfg: AliasConfig
+    engine: Engine
+    stage: PrompterStage
+
+    @property
+    def upstream_model(self) -> str:
+        return self.cfg.model or self.engine.default_model()
+
+
+@dataclass
+class Reply:
+    """A non-streaming answer, or a stream whose first event already arrived (so errors were raised)."""
+
+    info: AlignProInfo
+    headers: dict[str, str]
+    body: dict[str, Any] | None = None
+    stream: AsyncIterator[bytes] | None = None
+
+
+class Gateway:
+    def __init__(
+        self,
+        settings: Settings,
+        engines: dict[str, Engine] | None = None,
+        optimal: dict[str, OptimalSampler] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.engines = engines or {n: build_engine(n, c, settings) for n, c in settings.engines.items()}
+        self.cache: TTLCache[str] | None = (
+            TTLCache(settings.rewrite_cache_size, settings.rewrite_cache_ttl_s)
+            if settings.rewrite_cache_size > 0
+            else None
+        )
+        self._key_hashes = [hashlib.sha256(k.get_secret_value().encode()).digest() for k in settings.api_keys]
+        self.routes: dict[str, Route] = {}
+        for alias, cfg in settings.aliases.items():
+            prompter_engine = self.engines.get(cfg.prompter.engine)
+            stage = PrompterStage(
+                cfg.prompter,
+                prompter_engine,
+                self.cache,
+                optimal=(optimal or {}).get(alias),
+                on_fallback=lambda reason: self.metrics.fallbacks.labels(reason).inc(),
+            )
+            self.routes[alias] = Route(alias, cfg, self.engines[cfg.engine], stage)
+
+    async def start(self) -> None:
+        await asyncio.gather(*(e.start() for e in self.engines.values()))
+
+    async def aclose(self) -> None:
+        await asyncio.gather(*(e.aclose() for e in self.engines.values()), return_exceptions=True)
+
+    async def ready(self) -> dict[str, Any]:
+        return {name: await e.ready() for name, e in self.engines.items()}
+
+    # ------------------------------------------------------------------------------------ checks
+    def authenticate(self, authorization: str | None) -> None:
+        if not self._key_hashes:
+            return
+        token = ""
+        if authorization and authorization.lower().startswith("bearer "):
+            token = authorization[7:].strip()
+        digest = hashlib.sha256(token.encode()).digest()
+        # Compare against every key so the time taken does not depend on which one matched.
+        ok = False
+        for h in self._key_hashes:
+            ok |= hmac.compare_digest(digest, h)
+        if not ok:
+            raise AuthenticationError("Incorrect or missing API key.")
+
+    def route(self, model: str) -> Route:
+        try:
+            return self.routes[model]
+        except KeyError:
+            raise NotFoundError(
+                f"The model '{model}' does not exist. Available: {', '.join(sorted(self.routes))}.",
+                param="model",
+            ) from None
+
+    def models(self) -> ModelList:
+        return ModelList(data=[ModelCard(id=a) for a in self.routes])
+
+    def _check_caps(self, n: int, max_tokens: int | None) -> None:
+        if n > self.settings.max_n:
+            raise InvalidRequestError(
+                f"n must be at most {self.settings.max_n}", param="n", code="invalid_value"
+            )
+        if max_tokens is not None and max_tokens > self.settings.max_tokens_cap:
+            raise InvalidRequestError(
+                f"max_tokens must be at most {self.settings.max_tokens_cap}",
+                param="max_tokens",
+                code="invalid_value",
+            )
+
+    def _mode(self, route: Route, opts: AlignProOptions | None) -> tuple[Mode, Contract]:
+        mode, contract = route.cfg.prompter.mode, route.cfg.prompter.contract
+        if opts is not None and (opts.mode or opts.contract):
+            if not self.settings.allow_mode_override:
+                raise PermissionDeniedError(
+                    "this gateway does not let requests choose the prompter mode",
+                    param="alignpro",
+                    code="override_not_allowed",
+                )
+            mode, contract = opts.mode or mode, opts.contract or contract
+        return mode, contract
+
+    def _visible(self, info: AlignProInfo) -> dict[str, Any]:
+        data = info.model_dump(exclude_none=True)
+        if not self.settings.reveal_rewrite:
+            for k in ("original_prompt", "rewritten_prompt", "guidance"):
+                data.pop(k, None)
+        return data
+
+    @staticmethod
+    def _headers(info: AlignProInfo) -> dict[str, str]:
+        h = {
+            "x-alignpro-mode": info.mode,
+            "x-alignpro-rewritten": "true" if info.rewritten else "false",
+            "x-alignpro-prompter-ms": f"{info.prompter_ms:.1f}",
+        }
+        if info.prompter:
+            h["x-alignpro-prompter"] = info.prompter
+        if info.fallback:
+            h["x-alignpro-fallback"] = info.fallback
+            if info.fallback == "prompter_unavailable":
+                h["x-alignpro-degraded"] = "prompter-unavailable"
+        if info.cached:
+            h["x-alignpro-cache"] = "hit"
+        return h
+
+    async def _rewrite(self, route: Route, text: str | None, mode: Mode, contract: Contract) -> Rewrite:
+        if text is None or not text.strip() or mode == "off":
+            info = AlignProInfo(mode=mode, contract=None if mode == "off" else contract, original_prompt=text)
+            if mode != "off":
+                info.fallback = "no_text"
+            return Rewrite(info, text or "")
+        with self.metrics.stage_seconds.labels("prompter", route.alias).time():
+            rw = await route.stage.rewrite(text, mode, contract)
+        if rw.info.cached:
+            self.metrics.cache_hits.inc()
+        elif mode != "optimal" and self.cache is not None:
+            self.metrics.cache_misses.inc()
+        return rw
+
+    # ------------------------------------------------------------------------------------ requests
+    async def chat(self, req: ChatCompletionRequest) -> Reply:
+        route = self.route(req.model)
+        self._check_caps(req.n, req.output_limit())
+        mode, contract = self._mode(route, req.alignpro)
+        messages = [m.model_dump(exclude_none=True) for m in req.messages]
+        idx = _last_user(req.messages)
+        rw = await self._rewrite(route, req.messages[idx].text() if idx is not None else None, mode, contract)
+        if idx is not None and rw.info.rewritten:
+            _apply(messages, idx, rw)
+        body = req.upstream_payload(route.upstream_model, messages=messages)
+        return await self._forward(route, rw.info, body, req.stream, chat=True)
+
+    async def completion(self, req: CompletionRequest) -> Reply:
+        route = self.route(req.model)
+        self._check_caps(req.n, req.output_limit())
+        mode, contract = self._mode(route, req.alignpro)
+        prompt = req.prompt
+        text = (
+            prompt
+            if isinstance(prompt, str)
+            else (prompt[0] if len(prompt) == 1 and isinstance(prompt[0], str) else None)
+        )
+        rw = await self._rewrite(route, text, mode, contract)
+        replace: dict[str, Any] = {}
+        if rw.info.rewritten:
+            # A completion prompt has no system turn: augment guidance goes in front of the verbatim prompt.
+            replace["prompt"] = f"{rw.guidance}\n\n{text}" if rw.guidance else rw.prompt
+        elif text is None and mode != "off":
+            rw.info.fallback = "prompt_not_text"  # token ids or a batch of prompts are passed through
+        body = req.upstream_payload(route.upstream_model, **replace)
+        return await self._forward(route, rw.info, body, req.stream, chat=False)
+
+    async def _forward(
+        self, route: Route, info: AlignProInfo, body: dict[str, Any], stream: bool, chat: bool
+    ) -> Reply:
+        headers = self._headers(info)
+        engine = route.engine
+        if not stream:
+            with self.metrics.stage_seconds.labels("frozen", route.alias).time():
+                resp = await (engine.chat(body) if chat else engine.completion(body))
+            self._count_usage(route.alias, resp.get("usage"))
+            resp["alignpro"] = self._visible(info)
+            return Reply(info, headers, body=resp)
+        gen = engine.chat_stream(body) if chat else engine.completion_stream(body)
+        start = time.perf_counter()
+        try:
+            first = await gen.__anext__()  # upstream errors surface here, before any byte is sent
+        except StopAsyncIteration:
+            first = DONE_EVENT
+        except BaseException:
+            await gen.aclose()  # type: ignore[attr-defined]
+            raise
+        return Reply(info, headers, stream=self._relay(route, info, first, gen, start))
+
+    async def _relay(
+        self, route: Route, info: AlignProInfo, first: bytes, rest: AsyncIterator[bytes], start: float
+    ) -> AsyncIterator[bytes]:
+        try:
+            yield _inject(first, self._visible(info))
+            async for event in rest:
+                if b'"usage":{' in event:
+                    self._count_usage(route.alias, _event_json(event).get("usage"))
+                yield event
+        except AlignProError as exc:
+            self.metrics.errors.labels(exc.type).inc()
+            yield error_event(exc)
+            yield DONE_EVENT
+        finally:
+            await rest.aclose()  # type: ignore[attr-defined]
+            self.metrics.stage_seconds.labels("frozen", route.alias).observe(time.perf_counter() - start)
+
+    def _count_usage(self, alias: str, usage: Any) -> None:
+        if isinstance(usage, dict):
+            self.metrics.tokens.labels(alias, "prompt").inc(int(usage.get("prompt_tokens") or 0))
+            self.metrics.tokens.labels(alias, "completion").inc(int(usage.get("completion_tokens") or 0))
+
+    async def rewrite(self, req: RewriteRequest) -> RewriteResponse:
+        if not self.settings.reveal_rewrite:
+            raise PermissionDeniedError("this gateway does not reveal rewrites", code="rewrite_hidden")
+        route = self.route(req.model)
+        mode, contract = self._mode(route, req.alignpro)
+        if (req.prompt is None) == (req.messages is None):
+            raise InvalidRequestError("give exactly one of prompt or messages", param="prompt")
+        if req.prompt is not None:
+            rw = await self._rewrite(route, req.prompt, mode, contract)
+            prompt = f"{rw.guidance}\n\n{req.prompt}" if rw.guidance else rw.prompt
+            return RewriteResponse(model=req.model, prompt=prompt, alignpro=rw.info)
+        assert req.messages is not None
+        if not req.messages:
+            raise InvalidRequestError("messages must not be empty", param="messages")
+        messages = [m.model_dump(exclude_none=True) for m in req.messages]
+        idx = _last_user(req.messages)
+        rw = await self._rewrite(route, req.messages[idx].text() if idx is not None else None, mode, contract)
+        if idx is not None and rw.info.rewritten:
+            _apply(messages, idx, rw)
+        return RewriteResponse(
+            model=req.model, messages=[ChatMessage.model_validate(m) for m in messages], alignpro=rw.info
+        )
+
+
+def _last_user(messages: list[ChatMessage]) -> int | None:
+    for i in range(len(messages) - 1, -1, -1):
+        if messages[i].role == "user":
+            return i
+    return None
+
+
+def _apply(messages: list[dict[str, Any]], idx: int, rw: Rewrite) -> None:
+    """Put the rewrite into the chat: replace the user's text, or add the guidance as a system message."""
+    if rw.guidance is not None:
+        if messages and messages[0].get("role") == "system" and isinstance(messages[0].get("content"), str):
+            messages[0] = {**messages[0], "content": f"{messages[0]['content']}\n\n{rw.guidance}"}
+        else:
+            # Chat templates accept a system message first; not all accept one later on.
+            messages.insert(0, {"role": "system", "content": rw.guidance})
+        return
+    content = messages[idx].get("content")
+    if isinstance(content, list):  # keep non-text parts (images...), replace the text with the rewrite
+        others = [p for p in content if p.get("type") != "text"]
+        messages[idx] = {**messages[idx], "content": [{"type": "text", "text": rw.prompt}, *others]}
+    else:
+        messages[idx] = {**messages[idx], "content": rw.prompt}
+
+
+def _event_json(event: bytes) -> dict[str, Any]:
+    try:
+        data = json.loads(event[len(b"data: ") :])
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _inject(event: bytes, info: dict[str, Any]) -> bytes:
+    """Add the ``alignpro`` object to the first chunk of a stream."""
+    if not event.startswith(b"data: {"):
+        return event
+    data = _event_json(event)
+    if not data or "error" in data:
+        return event
+    data["alignpro"] = info
+    return b"data: " + json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"

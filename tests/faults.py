@@ -7,8 +7,12 @@ It answers like an instant OpenAI server, except for what the request's ``model`
     status-<n>    answer HTTP <n> with an OpenAI error body
     badjson       200 with a body that is not JSON
     dropstream    start a stream, send one chunk, then cut the connection
+    flaky-<n>[-x] answer 503 to the first <n> requests for this model name, then normally
+    ratelimit-<n>[-x]  answer 429 with ``Retry-After: 1`` to the first <n> requests, then normally
+    slowstream-<s>  a stream of 6 chunks, <s> seconds apart (counts streams finished and abandoned by the client)
 
-It runs in a thread of the test process (uvicorn on a free loopback port) and counts what it received.
+It runs in a thread of the test process (uvicorn on a free loopback port) and counts what it received, or as
+its own process for benchmarks: ``python -m tests.faults --port 9100``.
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ class FaultInjector:
     def __init__(self, port: int) -> None:
         self.port = port
         self.received: Counter[str] = Counter()
+        self.streams: Counter[str] = Counter()  # slowstream outcomes: "finished" | "abandoned"
         self.last_bodies: list[dict[str, Any]] = []
         app = Starlette(
             routes=[
@@ -98,6 +103,16 @@ class FaultInjector:
             return JSONResponse({"error": err}, status_code=status)
         elif model == "badjson":
             return Response(b"<html>not json", media_type="application/json")
+        elif model.startswith(("flaky-", "ratelimit-")):
+            kind, times = model.split("-")[:2]
+            if self.received[model] <= int(times):
+                status = 503 if kind == "flaky" else 429
+                err = {"message": f"injected {kind}", "type": "injected", "param": None, "code": kind}
+                headers = {"retry-after": "1"} if kind == "ratelimit" else None
+                return JSONResponse({"error": err}, status_code=status, headers=headers)
+        if body.get("stream") and model.startswith("slowstream-"):
+            gap = float(model.split("-", 1)[1])
+            return StreamingResponse(self._slow_stream(model, gap), media_type="text/event-stream")
         if body.get("stream"):
             return StreamingResponse(self._stream(model, drop=model == "dropstream"), media_type="text/event-stream")
         return JSONResponse(_chat(model))
@@ -109,3 +124,25 @@ class FaultInjector:
         yield _chunk(model, "k")
         yield _chunk(model, None, "stop")
         yield b"data: [DONE]\n\n"
+
+    async def _slow_stream(self, model: str, gap: float) -> Any:
+        try:
+            for i in range(6):
+                yield _chunk(model, str(i))
+                await asyncio.sleep(gap)
+            yield _chunk(model, None, "stop")
+            yield b"data: [DONE]\n\n"
+            self.streams["finished"] += 1
+        except BaseException:  # the client closed the connection: starlette cancels or closes this generator
+            self.streams["abandoned"] += 1
+            raise
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Run the FaultInjector as a process (benchmarks).")
+    ap.add_argument("--port", type=int, required=True)
+    args = ap.parse_args()
+    fi = FaultInjector(args.port)
+    fi.server.run()

@@ -133,12 +133,21 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(1 << 20, ge=1024, description="Larger request bodies get 413.")
     max_n: int = Field(16, ge=1)
     max_tokens_cap: int = Field(4096, ge=1, description="Largest max_tokens accepted.")
+    max_messages: int = Field(256, ge=1, description="Most messages in one chat request.")
     connect_timeout_s: float = Field(5.0, gt=0)
     read_timeout_s: float = Field(120.0, gt=0, description="Longest silence from an upstream.")
     request_timeout_s: float = Field(600.0, gt=0, description="Total budget of a non-streaming request.")
     rewrite_cache_size: int = Field(4096, ge=0, description="Cached rewrites (0 disables the cache).")
     rewrite_cache_ttl_s: float = Field(3600.0, gt=0)
-    api_keys: list[SecretStr] = Field(default_factory=list, description="Accepted API keys; empty = open.")
+    api_keys: list[SecretStr] = Field(
+        default_factory=list,
+        description="Accepted API keys, each KEY or KEY:ALIAS1,ALIAS2 (only those aliases); none = open.",
+    )
+    api_keys_file: Path | None = Field(None, description="More keys, one entry a line (# comments).")
+    rate_limit_rpm: float = Field(0.0, ge=0, description="Requests per minute per key (0 = unlimited).")
+    rate_limit_burst: int = Field(0, ge=0, description="Token-bucket size (0 = one minute's worth).")
+    max_concurrent_per_key: int = Field(0, ge=0, description="Concurrent requests per key (0 = unlimited).")
+    shutdown_grace_s: float = Field(30.0, ge=0, description="How long SIGTERM waits for in-flight requests.")
     log_level: str = "info"
 
     @classmethod

@@ -7,6 +7,7 @@ alignpro serve --config gateway.yaml    # e.g. in front of vLLM
 from __future__ import annotations
 
 import logging
+import math
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -15,9 +16,11 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
 
 from alignpro import __version__
-from alignpro.errors import AlignProError, PayloadTooLargeError
+from alignpro.errors import AlignProError, PayloadTooLargeError, UpstreamUnavailableError
 from alignpro.protocol import (
     ChatCompletion,
     ChatCompletionRequest,
@@ -29,7 +32,10 @@ from alignpro.protocol import (
     RewriteResponse,
 )
 from alignpro.server import errors
+from alignpro.server.auth import ANONYMOUS, Principal
 from alignpro.server.gateway import Gateway, Reply
+from alignpro.server.limits import Admission
+from alignpro.server.shutdown import Drain, GracefulServer
 from alignpro.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -37,6 +43,38 @@ log = logging.getLogger(__name__)
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 413, 422, 429, 502, 503, 504)
 }
+
+
+def _body(model: type[Any]) -> dict[str, Any]:
+    """``openapi_extra`` for a route that reads its body itself: the schema clients (and fuzzers) see."""
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}},
+        }
+    }
+
+
+def _add_body_schemas(app: FastAPI, models: tuple[type[BaseModel], ...]) -> None:
+    """Put the request models named by :func:`_body` into the OpenAPI components (no signature names them)."""
+    default = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = default()
+            _, defs = models_json_schema(
+                [(m, "validation") for m in models], ref_template="#/components/schemas/{model}"
+            )
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(defs.get("$defs", {}))
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _principal(request: Request) -> Principal:
+    """The caller :class:`~alignpro.server.limits.Admission` authenticated."""
+    return getattr(request.state, "principal", ANONYMOUS)
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -54,9 +92,12 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def create_app(settings: Settings | None = None, gateway: Gateway | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None, gateway: Gateway | None = None, drain: Drain | None = None
+) -> FastAPI:
     settings = settings or Settings()
     gw = gateway or Gateway(settings)
+    drain = drain or Drain()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -68,17 +109,18 @@ def create_app(settings: Settings | None = None, gateway: Gateway | None = None)
 
     app = FastAPI(title="AlignPro", version=__version__, lifespan=lifespan)
     app.state.gateway = gw
+    app.state.drain = drain
     errors.install(app)
+    # Added before `envelope`, so it runs inside it: its rejections get a request id and are counted.
+    app.add_middleware(Admission, keys=gw.keys, limiter=gw.limiter, drain=drain)
 
     @app.middleware("http")
     async def envelope(request: Request, call_next: Any) -> Response:
-        """Request id, auth (all routes but /health), metrics; errors in the OpenAI shape."""
+        """Request id, metrics; errors in the OpenAI shape (auth and limits: :class:`Admission`)."""
         rid = request.headers.get("x-request-id") or uuid.uuid4().hex
         route = request.url.path
         gw.metrics.inflight.inc()
         try:
-            if route != "/health":
-                gw.authenticate(request.headers.get("authorization"))
             response: Response = await call_next(request)
         except AlignProError as exc:
             response = errors.error_response(exc)
@@ -101,27 +143,42 @@ def create_app(settings: Settings | None = None, gateway: Gateway | None = None)
             return StreamingResponse(reply.stream, media_type="text/event-stream", headers=headers)
         return JSONResponse(reply.body, headers=reply.headers)
 
-    @app.post("/v1/chat/completions", response_model=ChatCompletion, responses=_ERRORS)
+    @app.post(
+        "/v1/chat/completions",
+        response_model=ChatCompletion,
+        responses=_ERRORS,
+        openapi_extra=_body(ChatCompletionRequest),
+    )
     async def chat_completions(request: Request) -> Response:
         req = ChatCompletionRequest.model_validate(await parse(request))
         request.state.alias = req.model
-        return respond(await gw.chat(req))
+        return respond(await gw.chat(req, _principal(request)))
 
-    @app.post("/v1/completions", response_model=Completion, responses=_ERRORS)
+    @app.post(
+        "/v1/completions",
+        response_model=Completion,
+        responses=_ERRORS,
+        openapi_extra=_body(CompletionRequest),
+    )
     async def completions(request: Request) -> Response:
         req = CompletionRequest.model_validate(await parse(request))
         request.state.alias = req.model
-        return respond(await gw.completion(req))
+        return respond(await gw.completion(req, _principal(request)))
 
-    @app.post("/v1/alignpro/rewrite", response_model=RewriteResponse, responses=_ERRORS)
+    @app.post(
+        "/v1/alignpro/rewrite",
+        response_model=RewriteResponse,
+        responses=_ERRORS,
+        openapi_extra=_body(RewriteRequest),
+    )
     async def rewrite(request: Request) -> RewriteResponse:
         req = RewriteRequest.model_validate(await parse(request))
         request.state.alias = req.model
-        return await gw.rewrite(req)
+        return await gw.rewrite(req, _principal(request))
 
-    @app.get("/v1/models", response_model=ModelList)
-    async def models() -> ModelList:
-        return gw.models()
+    @app.get("/v1/models", response_model=ModelList, responses=_ERRORS)
+    async def models(request: Request) -> ModelList:
+        return gw.models(_principal(request))
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -129,11 +186,17 @@ def create_app(settings: Settings | None = None, gateway: Gateway | None = None)
 
     @app.get("/ready", responses=_ERRORS)
     async def ready() -> Response:
+        if drain.draining:
+            return errors.error_response(
+                UpstreamUnavailableError("the server is shutting down", code="shutting_down")
+            )
         try:
             engines = await gw.ready()
         except AlignProError as exc:
             return errors.error_response(exc)
         return JSONResponse({"status": "ready", "engines": engines})
+
+    _add_body_schemas(app, (ChatCompletionRequest, CompletionRequest, RewriteRequest))
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -148,10 +211,13 @@ def serve(settings: Settings) -> None:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    uvicorn.run(
-        create_app(settings),
+    drain = Drain()
+    config = uvicorn.Config(
+        create_app(settings, drain=drain),
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
-        timeout_graceful_shutdown=30,
+        # SIGTERM: stop listening, let in-flight requests and streams finish for this long, then cancel them.
+        timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_s),
     )
+    GracefulServer(config, drain).run()

@@ -9,8 +9,6 @@ response, with the ``alignpro`` extension object and ``x-alignpro-*`` headers. R
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import json
 import time
 from collections.abc import AsyncIterator
@@ -24,7 +22,6 @@ from alignpro.backends.local import LocalEngine
 from alignpro.backends.openai import OpenAIEngine
 from alignpro.errors import (
     AlignProError,
-    AuthenticationError,
     InvalidRequestError,
     NotFoundError,
     PermissionDeniedError,
@@ -44,7 +41,9 @@ from alignpro.protocol import (
     RewriteRequest,
     RewriteResponse,
 )
+from alignpro.server.auth import ANONYMOUS, KeyStore, Principal
 from alignpro.server.errors import error_event
+from alignpro.server.limits import KeyLimiter
 from alignpro.server.metrics import Metrics
 from alignpro.settings import AliasConfig, EngineConfig, Settings
 
@@ -98,7 +97,12 @@ class Gateway:
             if settings.rewrite_cache_size > 0
             else None
         )
-        self._key_hashes = [hashlib.sha256(k.get_secret_value().encode()).digest() for k in settings.api_keys]
+        self.keys = KeyStore.from_settings(
+            (k.get_secret_value() for k in settings.api_keys), settings.api_keys_file
+        )
+        self.limiter = KeyLimiter(
+            settings.rate_limit_rpm, settings.rate_limit_burst, settings.max_concurrent_per_key
+        )
         self.routes: dict[str, Route] = {}
         for alias, cfg in settings.aliases.items():
             prompter_engine = self.engines.get(cfg.prompter.engine)
@@ -109,7 +113,13 @@ class Gateway:
                 optimal=(optimal or {}).get(alias),
                 on_fallback=lambda reason: self.metrics.fallbacks.labels(reason).inc(),
             )
-            self.routes[alias] = Route(alias, cfg, self.engines[cfg.engine], stage)
+            route = Route(alias, cfg, self.engines[cfg.engine], stage)
+            if optimal is None and prompter_engine is not None:
+                # mode `optimal` (opt-in: K prompter samples + K frozen answers): the rho* sampler of this alias
+                from alignpro.prompter.optimal import for_stage
+
+                stage.optimal = for_stage(stage, route.engine, cfg.model)
+            self.routes[alias] = route
 
     async def start(self) -> None:
         await asyncio.gather(*(e.start() for e in self.engines.values()))
@@ -121,31 +131,25 @@ class Gateway:
         return {name: await e.ready() for name, e in self.engines.items()}
 
     # ------------------------------------------------------------------------------------ checks
-    def authenticate(self, authorization: str | None) -> None:
-        if not self._key_hashes:
-            return
-        token = ""
-        if authorization and authorization.lower().startswith("bearer "):
-            token = authorization[7:].strip()
-        digest = hashlib.sha256(token.encode()).digest()
-        # Compare against every key so the time taken does not depend on which one matched.
-        ok = False
-        for h in self._key_hashes:
-            ok |= hmac.compare_digest(digest, h)
-        if not ok:
-            raise AuthenticationError("Incorrect or missing API key.")
+    def route(self, model: str, who: Principal = ANONYMOUS) -> Route:
+        route = self.routes.get(model)
+        if route is None:
+            # Name only the aliases this key may use: a restricted key does not learn the others.
+            names = ", ".join(sorted(a for a in self.routes if who.may_use(a)))
+            raise NotFoundError(f"The model '{model}' does not exist. Available: {names}.", param="model")
+        who.check(model)
+        return route
 
-    def route(self, model: str) -> Route:
-        try:
-            return self.routes[model]
-        except KeyError:
-            raise NotFoundError(
-                f"The model '{model}' does not exist. Available: {', '.join(sorted(self.routes))}.",
-                param="model",
-            ) from None
+    def models(self, who: Principal = ANONYMOUS) -> ModelList:
+        return ModelList(data=[ModelCard(id=a) for a in self.routes if who.may_use(a)])
 
-    def models(self) -> ModelList:
-        return ModelList(data=[ModelCard(id=a) for a in self.routes])
+    def _check_messages(self, messages: list[ChatMessage]) -> None:
+        if len(messages) > self.settings.max_messages:
+            raise InvalidRequestError(
+                f"at most {self.settings.max_messages} messages per request",
+                param="messages",
+                code="too_many_messages",
+            )
 
     def _check_caps(self, n: int, max_tokens: int | None) -> None:
         if n > self.settings.max_n:
@@ -210,8 +214,9 @@ class Gateway:
         return rw
 
     # ------------------------------------------------------------------------------------ requests
-    async def chat(self, req: ChatCompletionRequest) -> Reply:
-        route = self.route(req.model)
+    async def chat(self, req: ChatCompletionRequest, who: Principal = ANONYMOUS) -> Reply:
+        route = self.route(req.model, who)
+        self._check_messages(req.messages)
         self._check_caps(req.n, req.output_limit())
         mode, contract = self._mode(route, req.alignpro)
         messages = [m.model_dump(exclude_none=True) for m in req.messages]
@@ -222,8 +227,8 @@ class Gateway:
         body = req.upstream_payload(route.upstream_model, messages=messages)
         return await self._forward(route, rw.info, body, req.stream, chat=True)
 
-    async def completion(self, req: CompletionRequest) -> Reply:
-        route = self.route(req.model)
+    async def completion(self, req: CompletionRequest, who: Principal = ANONYMOUS) -> Reply:
+        route = self.route(req.model, who)
         self._check_caps(req.n, req.output_limit())
         mode, contract = self._mode(route, req.alignpro)
         prompt = req.prompt
@@ -286,10 +291,10 @@ class Gateway:
             self.metrics.tokens.labels(alias, "prompt").inc(int(usage.get("prompt_tokens") or 0))
             self.metrics.tokens.labels(alias, "completion").inc(int(usage.get("completion_tokens") or 0))
 
-    async def rewrite(self, req: RewriteRequest) -> RewriteResponse:
+    async def rewrite(self, req: RewriteRequest, who: Principal = ANONYMOUS) -> RewriteResponse:
         if not self.settings.reveal_rewrite:
             raise PermissionDeniedError("this gateway does not reveal rewrites", code="rewrite_hidden")
-        route = self.route(req.model)
+        route = self.route(req.model, who)
         mode, contract = self._mode(route, req.alignpro)
         if (req.prompt is None) == (req.messages is None):
             raise InvalidRequestError("give exactly one of prompt or messages", param="prompt")
@@ -300,6 +305,7 @@ class Gateway:
         assert req.messages is not None
         if not req.messages:
             raise InvalidRequestError("messages must not be empty", param="messages")
+        self._check_messages(req.messages)
         messages = [m.model_dump(exclude_none=True) for m in req.messages]
         idx = _last_user(req.messages)
         rw = await self._rewrite(route, req.messages[idx].text() if idx is not None else None, mode, contract)

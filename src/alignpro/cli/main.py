@@ -2,7 +2,10 @@
 
 alignpro serve [--host H] [--port P] [--config FILE]   serve the aligned OpenAI-compatible API
 alignpro models prepare [--force]                      convert the embedded model into safetensors
-alignpro rewrite "PROMPT" [--model ALIAS]              print the prompter's rewrite of PROMPT
+alignpro rewrite "PROMPT" [--model ALIAS] [--url URL]  print the prompter's rewrite of PROMPT
+alignpro chat ["PROMPT"] [--model ALIAS] [--url URL]   chat with a gateway (no PROMPT: one message per line)
+alignpro train CONFIG.yaml [--resume]                  train an Align-Pro prompter (closed-form or RL)
+alignpro eval --prompts FILE [--prompters none,trained]  the Align-Pro table: prompters vs the frozen model
 """
 
 from __future__ import annotations
@@ -18,6 +21,9 @@ from alignpro.errors import AlignProError
 # Modules that add sub-commands; imported lazily-light (their heavy imports happen inside the commands).
 COMMAND_MODULES = [
     "alignpro.cli.serve",
+    "alignpro.cli.train",
+    "alignpro.cli.eval",
+    "alignpro.cli.client",
 ]
 
 

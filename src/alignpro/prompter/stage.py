@@ -20,12 +20,13 @@ from typing import Any
 from alignpro.backends.base import Engine
 from alignpro.errors import AlignProError, InvalidRequestError, UpstreamUnavailableError
 from alignpro.prompter.cache import TTLCache
-from alignpro.prompter.reference import parse_output, prompter_messages
+from alignpro.prompter.reference import prompter_messages
+from alignpro.prompter.validate import Validator, default_validator
 from alignpro.protocol import AlignProInfo, Contract, Mode
 from alignpro.settings import PrompterConfig
 
-# (text, contract) -> the chosen rewrite; installed by the rho* sampler
-OptimalSampler = Callable[[str, Contract], Awaitable[str]]
+# (text, contract) -> the chosen rewrite, or None when the original prompt won; installed by the rho* sampler
+OptimalSampler = Callable[[str, Contract], Awaitable[str | None]]
 
 
 @dataclass
@@ -45,12 +46,15 @@ class PrompterStage:
         cache: TTLCache[str] | None = None,
         optimal: OptimalSampler | None = None,
         on_fallback: Callable[[str], None] | None = None,
+        validator: Validator | None = None,
     ) -> None:
         self.cfg = cfg
         self.engine = engine
         self.cache = cache
         self.optimal = optimal
         self.on_fallback = on_fallback
+        # Empty, truncated, leaking or off-topic output falls back to the original prompt (counted there).
+        self.validator: Validator = validator or default_validator()
 
     def name(self, mode: Mode) -> str | None:
         if mode == "off" or self.engine is None:
@@ -101,9 +105,11 @@ class PrompterStage:
                     if mode == "optimal":
                         assert self.optimal is not None
                         out = await self.optimal(text, contract)
+                        if out is None:
+                            reason = "optimal_kept_original"
                     else:
                         raw, finish = (await self.generate(text, mode, contract))[0]
-                        parsed = parse_output(raw, finish, text)
+                        parsed = await asyncio.to_thread(self.validator, text, raw, finish, contract)
                         out, reason = parsed.text, parsed.reason
             except InvalidRequestError:
                 raise

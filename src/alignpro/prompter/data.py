@@ -1,0 +1,212 @@
+"""Prompt data for training and evaluating prompters: rows of ``id``, ``prompt`` and ``kind``.
+
+Sources (:func:`load_prompts`):
+
+* a JSON Lines file (``.jsonl``/``.json``), one object a line;
+* a CSV file with a header row;
+* a folder: every ``.jsonl`` and ``.csv`` file in it (sorted by name, so the order is stable);
+* a Hugging Face dataset name or a folder saved with ``save_to_disk``, read offline (``HF_DATASETS_OFFLINE``):
+  only a local path or a dataset already in the cache; ``name:split`` picks a split (default ``train``).
+
+``kind`` is ``"harmful"`` or ``"benign"`` (what the ``safe-and-helpful`` reward needs); a row without one gets
+``default_kind``. A row without an ``id`` gets one from a hash of its prompt, so splits stay stable.
+
+The train/dev split is a pure function of the id (:func:`split_of`): ``sha256(id) mod 100 < train_percent`` is
+train. Adding rows never moves an existing row to the other side, and the dev side is never trained on.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from alignpro.errors import ConfigError
+
+Split = Literal["train", "dev", "all"]
+KINDS = ("harmful", "benign")
+DEFAULT_TRAIN_PERCENT = 80
+# The reference training set: files under ../shared/data/prompts.
+REFERENCE_FILES = ("advbench.jsonl", "ifbench_dev.jsonl", "normal_instructions.jsonl")
+
+
+@dataclass(frozen=True)
+class Example:
+    id: str
+    prompt: str
+    kind: str = "benign"
+
+    def as_dict(self) -> dict[str, str]:
+        return {"id": self.id, "prompt": self.prompt, "kind": self.kind}
+
+
+def _hash_pct(key: str) -> int:
+    return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") % 100
+
+
+def split_of(example_id: str, train_percent: int = DEFAULT_TRAIN_PERCENT) -> Literal["train", "dev"]:
+    """Which side of the split an id falls on (deterministic, independent of the other rows)."""
+    return "train" if _hash_pct(example_id) < train_percent else "dev"
+
+
+def select_split(
+    examples: Iterable[Example], split: Split, train_percent: int = DEFAULT_TRAIN_PERCENT
+) -> list[Example]:
+    if split == "all":
+        return list(examples)
+    if split not in ("train", "dev"):
+        raise ConfigError(f"unknown split {split!r}; expected train, dev or all")
+    return [e for e in examples if split_of(e.id, train_percent) == split]
+
+
+def _row(obj: dict[str, Any], default_kind: str, where: str) -> Example:
+    prompt = obj.get("prompt")
+    if prompt is None:
+        for alt in ("text", "instruction", "question", "goal"):
+            if obj.get(alt):
+                prompt = obj[alt]
+                break
+    if isinstance(prompt, list) and prompt and isinstance(prompt[-1], dict):  # chat rows: the last user turn
+        prompt = prompt[-1].get("content")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ConfigError(f"{where}: a row has no prompt")
+    kind = str(obj.get("kind") or default_kind).strip().lower()
+    if kind not in KINDS:
+        raise ConfigError(f"{where}: unknown kind {kind!r}; expected harmful or benign")
+    rid = obj.get("id")
+    if rid is None or str(rid) == "":
+        rid = "h-" + hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:16]
+    return Example(str(rid), prompt, kind)
+
+
+def _read_jsonl(path: Path, default_kind: str) -> list[Example]:
+    out = []
+    with path.open(encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    obj = json.loads(line)
+                except ValueError as exc:
+                    raise ConfigError(f"{path}:{i}: not JSON ({exc})") from exc
+                out.append(_row(obj, default_kind, f"{path}:{i}"))
+    return out
+
+
+def _read_csv(path: Path, default_kind: str) -> list[Example]:
+    with path.open(encoding="utf-8", newline="") as f:
+        return [_row(dict(r), default_kind, f"{path}:{i}") for i, r in enumerate(csv.DictReader(f), 2)]
+
+
+def _saved_dataset(path: Path) -> bool:
+    return (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()
+
+
+def _read_hf(name: str, default_kind: str) -> list[Example]:
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        import datasets
+    except ImportError as exc:
+        raise ConfigError("reading a Hugging Face dataset needs `datasets` (pip install alignpro[train])") from exc
+    path = Path(name).expanduser()
+    try:
+        if path.is_dir() and _saved_dataset(path):
+            ds: Any = datasets.load_from_disk(str(path))
+            if isinstance(ds, datasets.DatasetDict):
+                ds = ds["train"] if "train" in ds else next(iter(ds.values()))
+        else:
+            base, _, split = name.partition(":")
+            ds = datasets.load_dataset(base, split=split or "train")
+    except ConfigError:
+        raise
+    except Exception as exc:
+        raise ConfigError(
+            f"cannot load dataset {name!r} offline (only local paths and cached datasets are read): {exc}"
+        ) from exc
+    return [_row(dict(r), default_kind, f"{name}[{i}]") for i, r in enumerate(ds)]
+
+
+def load_prompts(
+    source: str | Path | Sequence[str | Path],
+    *,
+    split: Split = "all",
+    train_percent: int = DEFAULT_TRAIN_PERCENT,
+    limit: int | None = None,
+    default_kind: str = "benign",
+) -> list[Example]:
+    """Rows from one or several sources (see the module docstring), the chosen side of the split, the first
+    ``limit`` of them (after a stable shuffle by id hash, so a limit samples all sources alike)."""
+    sources = [source] if isinstance(source, str | Path) else list(source)
+    rows: list[Example] = []
+    for src in sources:
+        path = Path(src).expanduser()
+        if path.is_dir() and not _saved_dataset(path):
+            files = sorted(p for p in path.iterdir() if p.suffix in (".jsonl", ".json", ".csv"))
+            if not files:
+                raise ConfigError(f"{path} holds no .jsonl or .csv file")
+            for p in files:
+                rows += _read_csv(p, default_kind) if p.suffix == ".csv" else _read_jsonl(p, default_kind)
+        elif path.is_file():
+            rows += _read_csv(path, default_kind) if path.suffix == ".csv" else _read_jsonl(path, default_kind)
+        else:
+            rows += _read_hf(str(src), default_kind)
+    seen: set[str] = set()
+    for r in rows:
+        if r.id in seen:
+            raise ConfigError(f"duplicate id {r.id!r} in the prompt data")
+        seen.add(r.id)
+    rows = select_split(rows, split, train_percent)
+    if limit is not None:
+        # A stable pseudo-random subset: sort by a hash of the id (a different salt from the split's).
+        rows = sorted(rows, key=lambda e: hashlib.sha256(("order:" + e.id).encode()).digest())[:limit]
+    return rows
+
+
+def reference_sources(root: str | Path = "../shared/data") -> list[Path]:
+    """The reference training prompts: AdvBench (harmful) + IFBench dev + normal instructions (benign)."""
+    base = Path(root).expanduser()
+    prompts = base / "prompts" if (base / "prompts").is_dir() else base
+    paths = [prompts / f for f in REFERENCE_FILES]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise ConfigError(f"the reference data is missing: {', '.join(missing)}")
+    return paths
+
+
+def reference_set(
+    root: str | Path = "../shared/data",
+    split: Split = "train",
+    limit: int | None = None,
+    train_percent: int = DEFAULT_TRAIN_PERCENT,
+) -> list[Example]:
+    return load_prompts(reference_sources(root), split=split, limit=limit, train_percent=train_percent)
+
+
+def balanced(examples: Sequence[Example], limit: int | None) -> list[Example]:
+    """At most ``limit`` rows, half of each kind where possible (keeps the order within a kind)."""
+    if limit is None or limit >= len(examples):
+        return list(examples)
+    by_kind = {k: [e for e in examples if e.kind == k] for k in KINDS}
+    half = limit // 2
+    take = {k: min(len(v), half) for k, v in by_kind.items()}
+    spare = limit - sum(take.values())
+    for k in KINDS:
+        extra = min(spare, len(by_kind[k]) - take[k])
+        take[k] += extra
+        spare -= extra
+    chosen = {e.id for k in KINDS for e in by_kind[k][: take[k]]}
+    return [e for e in examples if e.id in chosen]
+
+
+def data_hash(examples: Iterable[Example]) -> str:
+    """sha256 over the rows (id, kind, prompt), in order: recorded with a trained adapter."""
+    h = hashlib.sha256()
+    for e in examples:
+        h.update(json.dumps([e.id, e.kind, e.prompt], ensure_ascii=False).encode("utf-8"))
+        h.update(b"\n")
+    return h.hexdigest()

@@ -1,0 +1,101 @@
+"""Validation of the prompter's output: what the frozen model would be sent must be a usable request.
+
+:func:`~alignpro.prompter.reference.parse_output` already rejects empty, truncated and instruction-leaking output
+and strips labels and quotes. :class:`OutputValidator` adds an *off-topic* check: the cosine similarity of the
+MiniLM embeddings (the ones the rewards use) of the original request and the output must reach
+``min_similarity``. A small prompter sometimes answers the request instead of rewriting it, or drifts to another
+subject; serving that would answer a question nobody asked. Rejected outputs fall back to the original prompt,
+and every rejection is counted by reason (:attr:`OutputValidator.counts`).
+
+It is cheap: two short texts through MiniLM (a few ms; embeddings are cached), and it is skipped (counted as
+``similarity_unavailable``) where the embedding model is not installed, e.g. a gateway-only install.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from collections.abc import Callable
+
+import numpy as np
+
+from alignpro.prompter.reference import Parsed, parse_output
+from alignpro.protocol import Contract
+
+# (original, raw output, finish_reason, contract) -> the usable text, or the reason it is not usable
+Validator = Callable[[str, str, str | None, Contract], Parsed]
+
+# MiniLM puts unrelated texts near 0 and paraphrases at 0.6-0.9; a harmful request and its safe redirection
+# ("explain why X is illegal") share the topic and land at 0.3-0.7. Guidance shares fewer words with the request.
+DEFAULT_MIN_SIMILARITY = {"rewrite": 0.2, "augment": 0.1}
+
+
+class OutputValidator:
+    """``parse_output`` plus the off-topic check; a callable of the :data:`Validator` shape."""
+
+    def __init__(
+        self,
+        min_similarity: dict[str, float] | float | None = None,
+        embed: Callable[[list[str]], np.ndarray] | None = None,
+    ) -> None:
+        if isinstance(min_similarity, int | float):
+            min_similarity = {"rewrite": float(min_similarity), "augment": float(min_similarity)}
+        self.min_similarity = dict(DEFAULT_MIN_SIMILARITY, **(min_similarity or {}))
+        self._embed = embed
+        self._embed_failed = False
+        self.counts: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    def _count(self, key: str) -> None:
+        with self._lock:
+            self.counts[key] += 1
+
+    def similarity(self, a: str, b: str) -> float | None:
+        if self._embed is None and not self._embed_failed:
+            try:
+                from alignpro.prompter.classifiers import default_embedder
+
+                embedder = default_embedder()
+                embedder.model  # noqa: B018 - load now, so a missing model is found once
+                self._embed = embedder.encode
+            except Exception:
+                self._embed_failed = True
+        if self._embed is None:
+            return None
+        v = self._embed([a, b])
+        return float(np.dot(v[0], v[1]) / max(np.linalg.norm(v[0]) * np.linalg.norm(v[1]), 1e-12))
+
+    def __call__(
+        self, original: str, output: str, finish_reason: str | None, contract: Contract = "rewrite"
+    ) -> Parsed:
+        parsed = parse_output(output, finish_reason, original)
+        if parsed.text is None:
+            self._count(parsed.reason or "unusable")
+            return parsed
+        threshold = self.min_similarity.get(contract, 0.0)
+        if threshold > 0 and parsed.text != original:
+            sim = self.similarity(original, parsed.text)
+            if sim is None:
+                self._count("similarity_unavailable")
+            elif sim < threshold:
+                self._count("off_topic")
+                return Parsed(None, "off_topic")
+        self._count("ok")
+        return parsed
+
+    def fallback_rate(self) -> float:
+        total = sum(v for k, v in self.counts.items() if k != "similarity_unavailable")
+        return 0.0 if total == 0 else 1.0 - self.counts["ok"] / total
+
+
+_default: OutputValidator | None = None
+_default_lock = threading.Lock()
+
+
+def default_validator() -> OutputValidator:
+    """The process-wide validator the prompter stage uses unless given another."""
+    global _default
+    with _default_lock:
+        if _default is None:
+            _default = OutputValidator()
+        return _default

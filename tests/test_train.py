@@ -1,0 +1,222 @@
+"""Prompter training: data, R estimation, closed-form and RL trainers, checkpoints, the CLI, the validator.
+
+Models are tiny random Llamas (hidden 32, 2 layers) built here with the SmolLM2 tokenizer, so a training step
+takes a fraction of a second; the reward is a deterministic function of the text (no embedding model needed).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("peft")
+
+from alignpro.prompter import closed_form as cf  # noqa: E402
+from alignpro.prompter.data import (  # noqa: E402
+    Example,
+    balanced,
+    data_hash,
+    load_prompts,
+    split_of,
+)
+from alignpro.prompter.estimate import FrozenSampling, LoopThread, REstimator, build_frozen_engine  # noqa: E402
+from alignpro.prompter.validate import OutputValidator  # noqa: E402
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="session")
+def tiny_model(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random LlamaForCausalLM (hidden 32, 2 layers) with the SmolLM2 tokenizer and chat template."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("tiny-llama")
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=2048, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=True,
+    )  # fmt: skip
+    model = LlamaForCausalLM(cfg)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def length_reward(prompts: list[str], completions: list[str], **kw: Any) -> list[float]:
+    """Deterministic: longer answers score higher (saturating)."""
+    return [min(len(c), 200) / 200 for c in completions]
+
+
+EXAMPLES = [Example(f"p{i}", f"request number {i}: tell me about topic {i}", "benign" if i % 2 else "harmful")
+            for i in range(6)]  # fmt: skip
+
+
+def write_jsonl(path: Path, rows: list[Example]) -> Path:
+    path.write_text("".join(json.dumps(e.as_dict()) + "\n" for e in rows))
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ data
+def test_split_is_a_hash_of_the_id_and_stable(tmp_path: Path) -> None:
+    ids = [f"row-{i}" for i in range(400)]
+    sides = [split_of(i) for i in ids]
+    assert 0.7 < sides.count("train") / len(ids) < 0.9
+    assert sides == [split_of(i) for i in ids]  # independent of anything else
+    rows = [Example(i, f"prompt {i}", "benign") for i in ids]
+    f = write_jsonl(tmp_path / "a.jsonl", rows)
+    train = load_prompts(f, split="train")
+    dev = load_prompts(f, split="dev")
+    assert {e.id for e in train}.isdisjoint({e.id for e in dev})
+    assert len(train) + len(dev) == 400
+    assert data_hash(train) == data_hash(load_prompts(f, split="train"))
+
+
+def test_load_csv_folder_and_hf_saved_dataset(tmp_path: Path) -> None:
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "x.csv").write_text('id,prompt,kind\na,"hello, world",benign\nb,how to hack,harmful\n')
+    write_jsonl(tmp_path / "d" / "y.jsonl", [Example("c", "third", "benign")])
+    rows = load_prompts(tmp_path / "d")
+    assert [(e.id, e.kind) for e in rows] == [("a", "benign"), ("b", "harmful"), ("c", "benign")]
+    datasets = pytest.importorskip("datasets")
+    ds = datasets.Dataset.from_list([{"id": "h1", "prompt": "from hf", "kind": "benign"}])
+    ds.save_to_disk(str(tmp_path / "hf"))
+    assert load_prompts(str(tmp_path / "hf"))[0].prompt == "from hf"
+    assert len(balanced(rows, 2)) == 2 and {e.kind for e in balanced(rows, 2)} == {"benign", "harmful"}
+
+
+# ------------------------------------------------------------------------------------------------ weights
+def test_closed_form_weights_are_softmax_of_r_over_lambda() -> None:
+    r = [0.2, 0.5, 0.1, 0.5]
+    lam = 0.1
+    w = cf.importance_weights(r, lam)
+    e = [math.exp(x / lam) for x in r]
+    assert w == pytest.approx([v / sum(e) for v in e])
+    # by hand: exp(2), exp(5), exp(1), exp(5) normalised
+    assert w[1] == pytest.approx(math.exp(5) / (2 * math.exp(5) + math.exp(2) + math.exp(1)))
+    # importance correction: a sample over-represented by q (log rho_ref - log q < 0) is down-weighted
+    w2 = cf.importance_weights(r, lam, [0.0, -math.log(2), 0.0, 0.0])
+    assert w2[1] == pytest.approx(w2[3] / 2)
+    assert cf.effective_sample_size([0.25] * 4) == pytest.approx(4)
+
+
+# ------------------------------------------------------------------------------------------------ R estimate
+def test_r_estimate_scores_the_original_request_and_caches(tiny_model: Path) -> None:
+    seen: list[tuple[str, str]] = []
+
+    def reward(prompts: list[str], completions: list[str], kind: list[str], **kw: Any) -> list[float]:
+        seen.extend((p, k) for p, k in zip(prompts, kind, strict=True))
+        return [1.0 if k == "harmful" else 0.5 for k in kind]
+
+    runner = LoopThread()
+    engine = build_frozen_engine("local", str(tiny_model))
+    runner.run(engine.start())
+    try:
+        est = REstimator(engine, reward, sampling=FrozenSampling(m=2, max_tokens=4))
+        r = est.estimate(runner, ["orig A", "orig B"], ["rewrite A", None], ["harmful", "benign"])
+        assert r == [1.0, 0.5]
+        assert {p for p, _ in seen} == {"orig A", "orig B"}  # never the rewrite
+        assert len(seen) == 4  # m = 2 answers each
+        calls = est.calls
+        est.estimate(runner, ["orig A"], ["rewrite A"], ["harmful"])
+        assert est.calls == calls and est.hits >= 1
+    finally:
+        runner.run(engine.aclose())
+        runner.close()
+
+
+# ------------------------------------------------------------------------------------------------ validator
+def test_validator_falls_back_on_empty_truncated_and_off_topic() -> None:
+    def embed(texts: list[str]) -> np.ndarray:
+        # topic vectors: texts mentioning cats point one way, others another
+        return np.array([[1.0, 0.0] if "cat" in t else [0.0, 1.0] for t in texts])
+
+    v = OutputValidator(embed=embed)
+    assert v("tell me about cats", "Describe cats in detail.", "stop").text == "Describe cats in detail."
+    assert v("tell me about cats", "   ", "stop").reason == "empty"
+    assert v("tell me about cats", "Describe cats", "length").reason == "truncated"
+    assert v("tell me about cats", "The stock market fell today.", "stop").reason == "off_topic"
+    assert v.counts["off_topic"] == 1 and v.counts["ok"] == 1
+    assert v.fallback_rate() == pytest.approx(0.75)
+
+
+async def test_stage_uses_the_validator() -> None:
+    from alignpro.prompter.stage import PrompterStage
+    from alignpro.settings import PrompterConfig
+
+    class Fake:
+        name = "fake"
+
+        def default_model(self) -> str:
+            return "m"
+
+        async def chat(self, body: dict[str, Any]) -> dict[str, Any]:
+            return {"choices": [{"message": {"content": "Completely unrelated text."}, "finish_reason": "stop"}]}
+
+    reasons: list[str] = []
+    val = OutputValidator(embed=lambda ts: np.array([[1.0, 0.0] if "cat" in t else [0.0, 1.0] for t in ts]))
+    stage = PrompterStage(PrompterConfig(), Fake(), on_fallback=reasons.append, validator=val)  # type: ignore[arg-type]
+    rw = await stage.rewrite("about my cat", "reference")
+    assert rw.prompt == "about my cat" and rw.info.fallback == "off_topic" and reasons == ["off_topic"]
+
+
+# ------------------------------------------------------------------------------------------------ closed form
+def _cfg(tmp: Path, tiny: Path, **kw: Any) -> cf.ClosedFormConfig:
+    base: dict[str, Any] = dict(
+        output_dir=str(tmp / "run"), data=[str(write_jsonl(tmp / "data.jsonl", EXAMPLES * 1))], train_percent=100,
+        base_model=str(tiny), frozen_model=str(tiny), k=3, m=1, max_new_tokens=8, response_max_tokens=4,
+        temperature=1.0, top_p=1.0, epochs=3, prompts_per_step=2, lam=0.1, learning_rate=5e-3, save_steps=3,
+        kl_every=3, kl_probe_prompts=2, dev_limit=0, min_weight=0.0, drop_unusable=False, seed=0,
+    )  # fmt: skip
+    base.update(kw)
+    return cf.ClosedFormConfig(**base)
+
+
+def test_closed_form_trains_logs_kl_and_resumes(tmp_path: Path, tiny_model: Path) -> None:
+    from alignpro.cli.train import read_log, run
+
+    cfg = _cfg(tmp_path, tiny_model)
+    report = run(cfg, reward_fn=length_reward, progress=False, command="test")
+    out = Path(cfg.output_dir)
+    recs = read_log(out / "log.jsonl")
+    steps = [r for r in recs if r.get("event") == "step"]
+    assert len(steps) == report["train"]["steps"] == 9  # 6 prompts / 2 per step * 3 epochs
+    # the weighted NLL falls on the fixed weighted set
+    first = np.mean([r["loss"] for r in steps[:3]])
+    last = np.mean([r["loss"] for r in steps[-3:]])
+    assert last < first
+    # KL to rho_ref is logged, and grows from (exactly) 0 at the zero-initialised adapter
+    kls = [r["kl"] for r in steps if "kl" in r]
+    assert kls and max(kls) > 0
+    assert (out / "curves.png").is_file()
+    # the adapter changed and has its metadata
+    from safetensors.torch import load_file
+
+    state = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert any(float(v.abs().sum()) > 0 for k, v in state.items() if "lora_B" in k)
+    meta = json.loads((out / "adapter" / "alignpro.json").read_text())
+    assert meta["lam"] == 0.1 and meta["trainer"] == "closed-form" and meta["command"] == "test"
+    assert len(meta["data_hash"]) == 64
+    # resume: from the checkpoint at step 6, the remaining steps reproduce the uninterrupted run
+    ckpt = out / "checkpoint-6"
+    assert (ckpt / "trainer_state.pt").is_file()
+    (out / "latest").write_text("checkpoint-6")
+    lines = (out / "log.jsonl").read_text().splitlines()
+    keep = [ln for ln in lines if json.loads(ln).get("step", 0) <= 6 and json.loads(ln).get("event") == "step"]
+    (out / "log.jsonl").write_text("\n".join(keep) + "\n")
+    run(cfg, reward_fn=length_reward, progress=False, resume=True, command="test")
+    resumed = [r for r in read_log(out / "log.jsonl") if r.get("event") == "step"]
+    assert [r["step"] for r in resumed] == list(range(1, 10))
+    assert [r["loss"] for r in resumed[6:]] == pytest.approx([r["loss"] for r in steps[6:]], rel=1e-4)
+
+
+def test_kl_is_zero_for_a_fresh_adapter(tiny_model: Path) -> None:
+    policy = cf.Policy(str(tiny_model))
+    cfg = cf.ClosedFormConfig(max_new_tokens=6, temperature=1.0, top_p=1.0)
+    assert cf.estimate_kl(policy, EXAMPLES[:2], cfg, 0) == pytest.approx(0.0, abs=1e-5)

@@ -7,6 +7,7 @@ import asyncio
 import sys
 from typing import Any
 
+from alignpro.cli.client import connection_args
 from alignpro.settings import Settings
 
 
@@ -41,28 +42,29 @@ def cmd_models_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_rewrite(args: argparse.Namespace) -> int:
-    from alignpro.protocol import AlignProOptions, RewriteRequest
+    from alignpro.cli.client import remote_rewrite, remote_url
+    from alignpro.protocol import AlignProOptions, RewriteRequest, RewriteResponse
     from alignpro.server.gateway import Gateway
 
-    settings = load(args)
+    opts = AlignProOptions(mode=args.mode) if args.mode else None
 
-    async def run() -> int:
-        gw = Gateway(settings)
+    async def run() -> RewriteResponse:
+        gw = Gateway(load(args))
         await gw.start()
         try:
-            opts = AlignProOptions(mode=args.mode) if args.mode else None
-            res = await gw.rewrite(RewriteRequest(model=args.model, prompt=args.prompt, alignpro=opts))
+            return await gw.rewrite(RewriteRequest(model=args.model, prompt=args.prompt, alignpro=opts))
         finally:
             await gw.aclose()
-        if args.json:
-            print(res.model_dump_json(indent=2, exclude_none=True))
-        else:
-            print(res.prompt)
-            if res.alignpro.fallback:
-                print(f"(original prompt kept: {res.alignpro.fallback})", file=sys.stderr)
-        return 0
 
-    return asyncio.run(run())
+    # A gateway named by --url / ALIGNPRO_BASE_URL does the rewrite; otherwise this process loads the prompter.
+    res = remote_rewrite(args, opts) if remote_url(args) else asyncio.run(run())
+    if args.json:
+        print(res.model_dump_json(indent=2, exclude_none=True))
+    else:
+        print(res.prompt)
+        if res.alignpro.fallback:
+            print(f"(original prompt kept: {res.alignpro.fallback})", file=sys.stderr)
+    return 0
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -91,13 +93,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     r = sub.add_parser(
         "rewrite",
-        help="print the prompter's rewrite of a prompt (in-process)",
-        description="Run the prompter of a model alias on PROMPT, in this process, and print the prompt the "
-        "frozen model would receive.",
+        help="print the prompter's rewrite of a prompt (in-process, or by a gateway with --url)",
+        description="Run the prompter of a model alias on PROMPT and print the prompt the frozen model would "
+        "receive: in this process, or by the gateway at --url (or ALIGNPRO_BASE_URL) when one is given.",
     )
     r.add_argument("prompt")
     r.add_argument("--model", default="smollm2-aligned", help="model alias whose prompter to use")
     r.add_argument("--mode", choices=["off", "reference", "adapter", "optimal"], help="override the mode")
     r.add_argument("--json", action="store_true", help="print the whole result with the alignpro object")
     config_arg(r)
+    connection_args(r)
     r.set_defaults(func=cmd_rewrite)

@@ -1,0 +1,246 @@
+"""The synchronous client, :class:`AlignPro` (the async twin is :mod:`alignpro.client._async`)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, TypeVar, overload
+
+import httpx
+from pydantic import BaseModel
+from typing_extensions import Unpack
+
+from alignpro.client._base import (
+    DEFAULT_MAX_RETRIES,
+    DEFAULT_TIMEOUT,
+    BaseClient,
+    Call,
+    ChatParams,
+    CompletionParams,
+    Messages,
+    RequestOptions,
+    Timeout,
+    parse,
+    request_body,
+    transport_error,
+)
+from alignpro.client._errors import APIError
+from alignpro.client._streaming import Stream
+from alignpro.protocol import (
+    AlignProOptions,
+    ChatCompletion,
+    ChatCompletionChunk,
+    Completion,
+    ModelList,
+    RewriteResponse,
+)
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class AlignPro(BaseClient):
+    """A client for the AlignPro gateway (or any OpenAI-compatible server, for the OpenAI routes).
+
+    >>> client = AlignPro(base_url="http://127.0.0.1:8000/v1")
+    >>> client.chat.completions.create(model="smollm2-aligned", messages=[{"role": "user", "content": "Hi"}])
+
+    Pass ``http_client`` to use your own ``httpx.Client`` (proxies, transports); it is then yours to close.
+    """
+
+    def __init__(
+        self,
+        *,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        timeout: Timeout = DEFAULT_TIMEOUT,
+        max_retries: int = DEFAULT_MAX_RETRIES,
+        default_headers: Mapping[str, str] | None = None,
+        http_client: httpx.Client | None = None,
+    ) -> None:
+        super().__init__(
+            base_url=base_url,
+            api_key=api_key,
+            timeout=timeout,
+            max_retries=max_retries,
+            default_headers=default_headers,
+        )
+        self._owns_http = http_client is None
+        self._http = http_client or httpx.Client()
+        self.chat = Chat(self)
+        self.completions = Completions(self)
+        self.models = Models(self)
+
+    # ------------------------------------------------------------------------------------------ API
+    @overload
+    def rewrite(
+        self,
+        *,
+        model: str,
+        prompt: str,
+        alignpro: AlignProOptions | Mapping[str, Any] | None = None,
+        **options: Unpack[RequestOptions],
+    ) -> RewriteResponse: ...
+
+    @overload
+    def rewrite(
+        self,
+        *,
+        model: str,
+        messages: Messages,
+        alignpro: AlignProOptions | Mapping[str, Any] | None = None,
+        **options: Unpack[RequestOptions],
+    ) -> RewriteResponse: ...
+
+    def rewrite(
+        self,
+        *,
+        model: str,
+        prompt: str | None = None,
+        messages: Messages | None = None,
+        alignpro: AlignProOptions | Mapping[str, Any] | None = None,
+        **options: Unpack[RequestOptions],
+    ) -> RewriteResponse:
+        """The prompt the frozen model would receive for ``prompt`` (or the last user turn of ``messages``),
+        without an answer: ``POST /v1/alignpro/rewrite``."""
+        body = request_body(
+            {"model": model, "prompt": prompt, "messages": messages, "alignpro": alignpro}, options
+        )
+        return self._request(self._call("POST", "alignpro/rewrite", body, options), RewriteResponse)
+
+    def close(self) -> None:
+        if self._owns_http:
+            self._http.close()
+
+    def __enter__(self) -> AlignPro:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -------------------------------------------------------------------------------------- plumbing
+    def _send(self, call: Call, stream: bool) -> httpx.Response:
+        """A 2xx response (body unread when ``stream``), after retries; anything else raises."""
+        attempt = 0
+        while True:
+            error: APIError
+            try:
+                response = self._http.send(self._build(self._http, call), stream=True)
+            except httpx.HTTPError as exc:
+                error = transport_error(exc, call.request_id)
+            else:
+                try:
+                    if response.is_success and stream:
+                        return response
+                    response.read()  # a non-streaming body, or an error body
+                except httpx.HTTPError as exc:
+                    response.close()
+                    error = transport_error(exc, call.request_id)
+                else:
+                    if response.is_success:
+                        return response
+                    error = self._error_for(response, call)
+            delay = self.retry.delay(attempt, error)
+            if delay is None:
+                raise error
+            time.sleep(delay)
+            attempt += 1
+
+    def _request(self, call: Call, cls: type[M]) -> M:
+        return parse(self._send(call, stream=False), cls, call.request_id)
+
+    def _stream(self, call: Call, cls: type[M]) -> Stream[M]:
+        return Stream(self._send(call, stream=True), cls, call.request_id)
+
+
+class ChatCompletions:
+    def __init__(self, client: AlignPro) -> None:
+        self._client = client
+
+    @overload
+    def create(
+        self,
+        *,
+        model: str,
+        messages: Messages,
+        stream: Literal[False] = False,
+        **params: Unpack[ChatParams],
+    ) -> ChatCompletion: ...
+
+    @overload
+    def create(
+        self, *, model: str, messages: Messages, stream: Literal[True], **params: Unpack[ChatParams]
+    ) -> Stream[ChatCompletionChunk]: ...
+
+    @overload
+    def create(
+        self, *, model: str, messages: Messages, stream: bool, **params: Unpack[ChatParams]
+    ) -> ChatCompletion | Stream[ChatCompletionChunk]: ...
+
+    def create(
+        self, *, model: str, messages: Messages, stream: bool = False, **params: Unpack[ChatParams]
+    ) -> ChatCompletion | Stream[ChatCompletionChunk]:
+        """``POST /v1/chat/completions``; ``stream=True`` returns a :class:`Stream` of chunks."""
+        fields = {"model": model, "messages": messages, "stream": True if stream else None}
+        call = self._client._call("POST", "chat/completions", request_body(fields, params), params, stream)
+        if stream:
+            return self._client._stream(call, ChatCompletionChunk)
+        return self._client._request(call, ChatCompletion)
+
+
+class Chat:
+    def __init__(self, client: AlignPro) -> None:
+        self.completions = ChatCompletions(client)
+
+
+class Completions:
+    def __init__(self, client: AlignPro) -> None:
+        self._client = client
+
+    @overload
+    def create(
+        self,
+        *,
+        model: str,
+        prompt: str | Sequence[str],
+        stream: Literal[False] = False,
+        **params: Unpack[CompletionParams],
+    ) -> Completion: ...
+
+    @overload
+    def create(
+        self,
+        *,
+        model: str,
+        prompt: str | Sequence[str],
+        stream: Literal[True],
+        **params: Unpack[CompletionParams],
+    ) -> Stream[Completion]: ...
+
+    @overload
+    def create(
+        self, *, model: str, prompt: str | Sequence[str], stream: bool, **params: Unpack[CompletionParams]
+    ) -> Completion | Stream[Completion]: ...
+
+    def create(
+        self,
+        *,
+        model: str,
+        prompt: str | Sequence[str],
+        stream: bool = False,
+        **params: Unpack[CompletionParams],
+    ) -> Completion | Stream[Completion]:
+        """``POST /v1/completions``; ``stream=True`` returns a :class:`Stream` of completion chunks."""
+        fields = {"model": model, "prompt": prompt, "stream": True if stream else None}
+        call = self._client._call("POST", "completions", request_body(fields, params), params, stream)
+        if stream:
+            return self._client._stream(call, Completion)
+        return self._client._request(call, Completion)
+
+
+class Models:
+    def __init__(self, client: AlignPro) -> None:
+        self._client = client
+
+    def list(self, **options: Unpack[RequestOptions]) -> ModelList:
+        """``GET /v1/models``: the aliases the gateway serves."""
+        return self._client._request(self._client._call("GET", "models", None, options), ModelList)

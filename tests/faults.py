@@ -85,6 +85,9 @@ class FaultInjector:
 
     def stop(self) -> None:
         self.server.should_exit = True
+        self.server.force_exit = (
+            True  # do not wait for injected sleeps (slow-<s>) that nobody awaits any more
+        )
         self.thread.join(timeout=10)
 
     async def _models(self, request: Request) -> Response:
@@ -114,7 +117,9 @@ class FaultInjector:
             gap = float(model.split("-", 1)[1])
             return StreamingResponse(self._slow_stream(model, gap), media_type="text/event-stream")
         if body.get("stream"):
-            return StreamingResponse(self._stream(model, drop=model == "dropstream"), media_type="text/event-stream")
+            return StreamingResponse(
+                self._stream(model, drop=model == "dropstream"), media_type="text/event-stream"
+            )
         return JSONResponse(_chat(model))
 
     async def _stream(self, model: str, drop: bool) -> Any:

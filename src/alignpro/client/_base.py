@@ -131,9 +131,7 @@ def retryable(error: APIError) -> bool:
     """Connection errors and timeouts, 429 and 5xx: what may succeed when sent again unchanged."""
     if isinstance(error, APIConnectionError):
         return True
-    return isinstance(error, APIStatusError) and (
-        isinstance(error, RateLimitError) or error.status_code >= 500
-    )
+    return isinstance(error, APIStatusError) and (isinstance(error, RateLimitError) or error.status >= 500)
 
 
 def transport_error(exc: httpx.HTTPError, request_id: str) -> APIError:

@@ -71,13 +71,11 @@ class APIError(Exception):
 class APIStatusError(APIError):
     """The gateway answered with an error status."""
 
+    status: int
+
     def __init__(self, message: str, *, response: httpx.Response, **kw: Any) -> None:
         super().__init__(message, status=response.status_code, **kw)
         self.response = response
-
-    @property
-    def status_code(self) -> int:
-        return self.response.status_code
 
 
 class BadRequestError(APIStatusError):

@@ -4,10 +4,20 @@ One pooled ``httpx.AsyncClient`` per engine, opened in the app lifespan. A reque
 with the fewest outstanding requests. A replica that fails ``failure_threshold`` times in a row is ejected and
 probed (``GET /models``) every ``probe_interval_s`` until it answers again.
 
-A request is sent to a second replica only when that cannot duplicate work: the connection to the first could
-not be opened, or the first answered 502/503 before generating. A read timeout or a stream that has started is
-never retried. Streams are relayed event by event as the upstream sends them; a stream that breaks off ends with
-an error event and ``data: [DONE]`` so clients stop cleanly.
+A request is sent to a second replica only when that cannot duplicate work: the connection to the first
+could not be opened (nothing was sent), or the first answered 503, which vLLM and AlignPro itself use for "not
+taken on" (overloaded, draining, no upstream of its own). A 502 is *not* retried: behind a proxy or a chained
+gateway it can mean the request reached a model server that then failed, so a retry could run it twice. A read
+timeout or a stream that has started is never retried either. Streams are relayed event by event as the
+upstream sends them; a stream that breaks off ends with an error event and ``data: [DONE]`` so clients stop
+cleanly. When the client goes away the relay is closed, which closes the upstream connection, and vLLM aborts
+the generation.
+
+Client errors from the upstream (vLLM's 400 for a prompt over the context length, a bad ``top_k``...) are
+relayed with their status, but in the OpenAI error shape: vLLM answers ``{"type": "BadRequestError", "code":
+400}``, which clients cannot branch on, so type and code are normalised (``context_length_exceeded`` for the
+context case). An upstream 401/403 means the gateway's own upstream key is wrong, not the caller's: that is a
+502.
 """
 
 from __future__ import annotations
@@ -16,6 +26,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -35,7 +46,19 @@ from alignpro.settings import EngineConfig
 
 log = logging.getLogger(__name__)
 
-_RETRYABLE_STATUS = {502, 503}
+_RETRYABLE_STATUS = {503}
+# OpenAI error types by status, for upstreams (vLLM) that put an exception class name in "type".
+_OPENAI_TYPES = {
+    400: "invalid_request_error",
+    404: "invalid_request_error",
+    409: "invalid_request_error",
+    413: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+}
+# vLLM: "This model's maximum context length is 2048 tokens. However, your prompt contains ..."; OpenAI and
+# others say "maximum context length" too.
+_CONTEXT_RE = re.compile(r"maximum context length|context length|too many tokens|prompt is too long", re.I)
 
 
 @dataclass
@@ -53,6 +76,39 @@ def _error_message(resp_body: bytes, status: int) -> tuple[dict[str, Any] | None
     except ValueError:
         return None, f"upstream answered {status}: {resp_body[:200].decode(errors='replace')}"
     return (body if isinstance(body, dict) else None), f"upstream answered {status}"
+
+
+def _server_error(status: int, parsed: dict[str, Any] | None, msg: str) -> AlignProError:
+    if status == 429:
+        return UpstreamStatusError(429, parsed, msg)
+    if status == 503:
+        # Passed on as a 503, not a 502: a gateway in front of this one may then try another replica.
+        return UpstreamUnavailableError(f"the upstream is unavailable ({msg})")
+    return UpstreamError(msg)
+
+
+def client_error(status: int, content: bytes, path: str) -> AlignProError:
+    """The error to raise for an upstream 4xx (not 429): relayed with its status, in the OpenAI shape."""
+    parsed, msg = _error_message(content, status)
+    err = parsed.get("error") if parsed else None
+    if not isinstance(err, dict):  # FastAPI's {"detail": ...} and other shapes
+        detail = parsed.get("detail") if parsed else None
+        err = {"message": str(detail) if detail else msg}
+    message = str(err.get("message") or msg)
+    if status in (401, 403):
+        return UpstreamError(f"the upstream refused the gateway's credentials ({status}): {message}")
+    param = err.get("param") if isinstance(err.get("param"), str) else None
+    code = err.get("code") if isinstance(err.get("code"), str) else None
+    if status == 400 and _CONTEXT_RE.search(message):
+        code = "context_length_exceeded"
+        param = "messages" if path.endswith("/chat/completions") else "prompt"
+    elif code is None:
+        code = "model_not_found" if status == 404 else "invalid_value"
+    kind = err.get("type")
+    if not isinstance(kind, str) or not kind.endswith("_error"):
+        kind = _OPENAI_TYPES.get(status, "invalid_request_error")
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return UpstreamStatusError(status, body, message)
 
 
 class OpenAIEngine(Engine):
@@ -141,6 +197,9 @@ class OpenAIEngine(Engine):
         return {
             "kind": self.kind,
             "replicas": {r.url: ok for r, ok in zip(self.replicas, results, strict=True)},
+            "ejected": [
+                r.url for r in self.replicas if not r.healthy
+            ],  # out of rotation until a probe passes
         }
 
     # ---------------------------------------------------------------------------------- requests
@@ -170,12 +229,10 @@ class OpenAIEngine(Engine):
             if resp.status_code >= 400:
                 parsed, msg = _error_message(resp.content, resp.status_code)
                 if resp.status_code < 500 and resp.status_code != 429:
-                    self._ok(rep)
-                    raise UpstreamStatusError(resp.status_code, parsed, msg)
+                    self._ok(rep)  # the replica works; the request was wrong
+                    raise client_error(resp.status_code, resp.content, path)
                 self._failed(rep, f"status {resp.status_code}")
-                last = (
-                    UpstreamError(msg) if resp.status_code != 429 else UpstreamStatusError(429, parsed, msg)
-                )
+                last = _server_error(resp.status_code, parsed, msg)
                 if resp.status_code in _RETRYABLE_STATUS:
                     continue
                 raise last
@@ -211,37 +268,48 @@ class OpenAIEngine(Engine):
         return self._stream("/completions", body)
 
     async def open_stream(self, path: str, body: dict[str, Any]) -> tuple[Replica, httpx.Response]:
-        """Open a streaming response on some replica; retry on another only if nothing was sent."""
+        """Open a streaming response on some replica; retry on another only if nothing was sent (or 503).
+
+        The replica returned has ``outstanding`` raised by one: the caller lowers it when the stream ends.
+        """
         tried: set[str] = set()
         last: AlignProError | None = None
         for _ in range(len(self.replicas)):
             rep = self._pick(tried)
             tried.add(rep.url)
             req = self.client.build_request("POST", rep.url + path, json=body)
+            # Counted from now, not from the first event: concurrent streams must see each other while they
+            # wait for their headers, or they would all pick the same replica.
+            rep.outstanding += 1
             try:
                 resp = await self.client.send(req, stream=True)
             except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+                rep.outstanding -= 1
                 self._failed(rep, type(exc).__name__)
                 last = UpstreamUnavailableError(f"cannot connect to the upstream: {type(exc).__name__}")
                 continue
             except httpx.TimeoutException as exc:
+                rep.outstanding -= 1
                 self._failed(rep, "timeout")
                 raise UpstreamTimeoutError(
                     f"the upstream did not answer in time ({type(exc).__name__})"
                 ) from exc
-            except httpx.HTTPError as exc:
-                self._failed(rep, type(exc).__name__)
-                raise UpstreamError(f"the upstream connection failed: {type(exc).__name__}") from exc
+            except BaseException as exc:  # other transport errors, or the caller cancelled
+                rep.outstanding -= 1
+                if isinstance(exc, httpx.HTTPError):
+                    self._failed(rep, type(exc).__name__)
+                    raise UpstreamError(f"the upstream connection failed: {type(exc).__name__}") from exc
+                raise
             if resp.status_code >= 400:
+                rep.outstanding -= 1
                 content = await resp.aread()
                 await resp.aclose()
                 parsed, msg = _error_message(content, resp.status_code)
                 if resp.status_code < 500 and resp.status_code != 429:
-                    raise UpstreamStatusError(resp.status_code, parsed, msg)
+                    self._ok(rep)
+                    raise client_error(resp.status_code, content, path)
                 self._failed(rep, f"status {resp.status_code}")
-                last = (
-                    UpstreamError(msg) if resp.status_code != 429 else UpstreamStatusError(429, parsed, msg)
-                )
+                last = _server_error(resp.status_code, parsed, msg)
                 if resp.status_code in _RETRYABLE_STATUS:
                     continue
                 raise last
@@ -250,8 +318,7 @@ class OpenAIEngine(Engine):
         raise last
 
     async def _stream(self, path: str, body: dict[str, Any]) -> AsyncIterator[bytes]:
-        rep, resp = await self.open_stream(path, body)
-        rep.outstanding += 1
+        rep, resp = await self.open_stream(path, body)  # counted in rep.outstanding until the finally below
         buf = b""
         saw_done = False
         try:

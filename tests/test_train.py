@@ -54,6 +54,7 @@ def length_reward(prompts: list[str], completions: list[str], **kw: Any) -> list
     return [min(len(c), 200) / 200 for c in completions]
 
 
+NO_TOPIC_CHECK = OutputValidator(min_similarity=0.0)  # random tiny models write gibberish; keep it usable
 EXAMPLES = [Example(f"p{i}", f"request number {i}: tell me about topic {i}", "benign" if i % 2 else "harmful")
             for i in range(6)]  # fmt: skip
 
@@ -182,7 +183,7 @@ def test_closed_form_trains_logs_kl_and_resumes(tmp_path: Path, tiny_model: Path
     from alignpro.cli.train import read_log, run
 
     cfg = _cfg(tmp_path, tiny_model)
-    report = run(cfg, reward_fn=length_reward, progress=False, command="test")
+    report = run(cfg, reward_fn=length_reward, progress=False, command="test", validator=NO_TOPIC_CHECK)
     out = Path(cfg.output_dir)
     recs = read_log(out / "log.jsonl")
     steps = [r for r in recs if r.get("event") == "step"]
@@ -210,7 +211,7 @@ def test_closed_form_trains_logs_kl_and_resumes(tmp_path: Path, tiny_model: Path
     lines = (out / "log.jsonl").read_text().splitlines()
     keep = [ln for ln in lines if json.loads(ln).get("step", 0) <= 6 and json.loads(ln).get("event") == "step"]
     (out / "log.jsonl").write_text("\n".join(keep) + "\n")
-    run(cfg, reward_fn=length_reward, progress=False, resume=True, command="test")
+    run(cfg, reward_fn=length_reward, progress=False, resume=True, command="test", validator=NO_TOPIC_CHECK)
     resumed = [r for r in read_log(out / "log.jsonl") if r.get("event") == "step"]
     assert [r["step"] for r in resumed] == list(range(1, 10))
     assert [r["loss"] for r in resumed[6:]] == pytest.approx([r["loss"] for r in steps[6:]], rel=1e-4)

@@ -170,6 +170,24 @@ def base_model_name(spec: str) -> str:
     return spec
 
 
+async def engine_rewrites(engine: Any, rows: Sequence[Any], cfg: Any, k: int) -> list[list[tuple[str, str | None]]]:
+    """K rho_ref outputs per row drawn through ``engine`` (one request with n=K each, bounded concurrency)."""
+    import asyncio
+
+    from alignpro.prompter.reference import prompter_messages
+
+    sem = asyncio.Semaphore(max(1, cfg.concurrency))
+
+    async def one(text: str) -> list[tuple[str, str | None]]:
+        body = {"model": engine.default_model(), "messages": prompter_messages(text, cfg.contract),
+                "max_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "top_p": cfg.top_p, "n": k}  # fmt: skip
+        async with sem:
+            resp = await engine.chat(body)
+        return [(str(c["message"].get("content") or ""), c.get("finish_reason")) for c in resp["choices"]]
+
+    return list(await asyncio.gather(*(one(r.prompt) for r in rows)))
+
+
 # ------------------------------------------------------------------------------------------------ evaluation
 def evaluate(
     policy: Any,
@@ -263,8 +281,10 @@ def run(
     reward_fn: Callable[..., list[float]] | None = None,
     command: str | None = None,
     optimal_k: int = 0,
+    validator: Any = None,
 ) -> dict[str, Any]:
-    """Train (unless ``eval_only``), save the adapter and its metadata, evaluate on dev; returns the report."""
+    """Train (unless ``eval_only``), save the adapter and its metadata, evaluate on dev; returns the report.
+    ``reward_fn`` and ``validator`` replace the configured reward and the default output validator (tests)."""
     import torch
 
     from alignpro import models
@@ -292,7 +312,7 @@ def run(
         raise ConfigError("the train split is empty")
     base_path = models.resolve(cfg.base_model)
     reward = reward_fn or load_reward(cfg.reward)
-    validator = OutputValidator()
+    validator = validator or OutputValidator()
     runner = LoopThread()
     frozen_path = cfg.frozen_model
     if cfg.frozen_engine == "local":
@@ -328,8 +348,15 @@ def run(
                     for s, r in zip(samples, rs, strict=True):
                         s.reward = r
 
+                sampler = None
+                if cfg.sample_with_engine:
+
+                    def sampler(rows: Sequence[Any], k: int) -> list[list[tuple[str, str | None]]]:
+                        return runner.run(engine_rewrites(engine, rows, cfg, k))
+
                 summary = cf.train_closed_form(cfg, policy, train, score, out_dir, log, resume=state,
-                                               progress=progress)  # fmt: skip
+                                               progress=progress, engine_sampler=sampler,
+                                               reuse_samples=resume)  # fmt: skip
                 policy.save(adapter_dir)
             else:
                 from alignpro.prompter.rl import RReward, train_rl
@@ -356,7 +383,7 @@ def run(
             eval_est = REstimator(engine, reward, sampling=dataclasses.replace(sampling, seed=cfg.seed + 1000,
                                   m=max(cfg.m, 2)), contract=cfg.contract, concurrency=cfg.concurrency,
                                   cache_path=out_dir / "frozen_cache.jsonl")  # fmt: skip
-            eval_val = OutputValidator()
+            eval_val = OutputValidator(validator.min_similarity, embed=validator._embed)
             report["dev"] = evaluate(eval_policy, dev, eval_est, runner, cfg, eval_val, optimal_k=optimal_k,
                                      selector=estimator)  # fmt: skip
             report["dev"]["validator_counts"] = dict(eval_val.counts)

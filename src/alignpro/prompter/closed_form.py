@@ -101,6 +101,12 @@ class ClosedFormConfig(TrainConfig):
     epochs: int = field(default=2, metadata={"help": "Passes over the weighted rewrites per round."})
     prompts_per_step: int = field(default=2, metadata={"help": "Prompts (each with its K rewrites) per step."})
     min_weight: float = field(default=0.01, metadata={"help": "Rewrites with a smaller weight are skipped."})
+    sample_with_engine: bool = field(
+        default=False,
+        metadata={"help": "Round 0 draws the rho_ref rewrites through the frozen engine (n=K per request). Valid "
+                  "only when it serves the prompter's base model (the default: both are SmolLM2); with vLLM's "
+                  "prefix cache the shared few-shot prompt is computed once."},
+    )  # fmt: skip
     drop_unusable: bool = field(
         default=True, metadata={"help": "Never imitate unusable rewrites (empty/truncated/off-topic)."}
     )
@@ -219,12 +225,28 @@ class Policy:
                 out.append(Sample(e, ids, comp, r.text, r.finish_reason))
         return out
 
-    def sequence_logprob(self, samples: Sequence[Sample], adapter: bool) -> list[float]:
+    def from_texts(
+        self, examples: Sequence[Example], contract: Contract, outputs: Sequence[Sequence[tuple[str, str | None]]]
+    ) -> list[Sample]:
+        """Samples from texts drawn elsewhere (e.g. rho_ref served by vLLM), re-tokenised for training."""
+        out: list[Sample] = []
+        for e, outs in zip(examples, outputs, strict=True):
+            ids = self.prompt_ids(e.prompt, contract)
+            for text, finish in outs:
+                comp = self.gen.text_ids(text) + ([self.end_id] if finish == "stop" else [])
+                out.append(Sample(e, ids, comp, text, finish or "stop"))
+        return out
+
+    def sequence_logprob(self, samples: Sequence[Sample], adapter: bool, batch_size: int = 8) -> list[float]:
         """sum_t log p(x'_t | x, x'_<t) of each sample under rho_theta or rho_ref."""
-        lps = self.gen.sequence_logprobs(
-            [s.prompt_ids for s in samples], [s.completion_ids for s in samples], POLICY if adapter else None
-        )
-        return [float(sum(v)) for v in lps]
+        import torch
+
+        out: list[float] = []
+        with self.gen.lock, torch.inference_mode(), self.gen._adapter(POLICY if adapter else None):
+            for i in range(0, len(samples), batch_size):
+                lp, _ = completion_logprobs(self, samples[i : i + batch_size])
+                out += [float(v) for v in lp.sum(1)]
+        return out
 
     def save(self, path: str | Path) -> None:
         path = Path(path)
@@ -245,29 +267,42 @@ class Policy:
         set_peft_model_state_dict(self.model, state, adapter_name=POLICY)
 
 
-def weighted_nll(policy: Policy, samples: Sequence[Sample]) -> Any:
-    """``sum_i w_i * NLL_i / sum_i w_i * len_i``: the weighted MLE loss, per rewrite token, on the rewrite tokens
-    only (the prompt is context). Samples share nothing, so they are right-padded into one batch."""
+def completion_logprobs(policy: Policy, samples: Sequence[Sample]) -> tuple[Any, Any]:
+    """Per-token log-probabilities of each sample's completion under the policy's current adapter state:
+    ``(logp [B, L], mask [B, L])``. Rows are left-padded so every completion ends in the last column, and only
+    the last L+1 positions get logits (``logits_to_keep``): the long shared prompt never meets the LM head."""
     import torch
 
     width = max(len(s.prompt_ids) + len(s.completion_ids) for s in samples)
+    keep = max(len(s.completion_ids) for s in samples)
     pad = policy.gen.pad_id
     ids = torch.full((len(samples), width), pad, dtype=torch.long)
     mask = torch.zeros((len(samples), width), dtype=torch.long)
-    target = torch.zeros((len(samples), width), dtype=torch.bool)
+    cmask = torch.zeros((len(samples), keep), dtype=torch.float32)
     for i, s in enumerate(samples):
         seq = s.prompt_ids + s.completion_ids
-        ids[i, : len(seq)] = torch.tensor(seq)
-        mask[i, : len(seq)] = 1
-        target[i, len(s.prompt_ids) : len(seq)] = True
+        ids[i, width - len(seq) :] = torch.tensor(seq)
+        mask[i, width - len(seq) :] = 1
+        if s.completion_ids:
+            cmask[i, keep - len(s.completion_ids) :] = 1.0
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits = policy.model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=keep + 1).logits
+    logits = logits[:, :-1].float()  # position t predicts token t+1: the last `keep` tokens
+    target = ids[:, width - keep :]
+    lp = torch.log_softmax(logits, dim=-1).gather(2, target.unsqueeze(2)).squeeze(2)
+    return lp * cmask, cmask
+
+
+def weighted_nll(policy: Policy, samples: Sequence[Sample]) -> Any:
+    """``sum_i w_i * NLL_i / sum_i w_i * len_i``: the weighted MLE loss, per rewrite token, on the rewrite tokens
+    only (the prompt is context)."""
+    import torch
+
     policy.model.set_adapter(POLICY)
-    logits = policy.model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-    lp = torch.log_softmax(logits, dim=-1).gather(2, ids[:, 1:].unsqueeze(2)).squeeze(2)
-    tmask = target[:, 1:].float()
-    nll = -(lp * tmask).sum(1)
+    lp, cmask = completion_logprobs(policy, samples)
+    nll = -lp.sum(1)
     w = torch.tensor([s.weight for s in samples], dtype=torch.float32)
-    lens = tmask.sum(1)
-    return (w * nll).sum() / (w * lens).sum().clamp(min=1e-6)
+    return (w * nll).sum() / (w * cmask.sum(1)).sum().clamp(min=1e-6)
 
 
 def importance_weights(rewards: Sequence[float], lam: float, log_ratio: Sequence[float] | None = None) -> list[float]:
@@ -313,8 +348,11 @@ def train_closed_form(
     log_fn: Hook,
     resume: dict[str, Any] | None = None,
     progress: bool = True,
+    engine_sampler: Callable[[Sequence[Example], int], list[list[tuple[str, str | None]]]] | None = None,
+    reuse_samples: bool = False,
 ) -> dict[str, Any]:
-    """Run the closed-form trainer; returns summary metrics. ``resume`` is the state of a checkpoint."""
+    """Run the closed-form trainer; returns summary metrics. ``resume`` is the state of a checkpoint;
+    ``reuse_samples`` reads already scored rounds from ``samples.jsonl`` (a resumed run)."""
     import torch
     from tqdm.auto import tqdm
 
@@ -332,14 +370,17 @@ def train_closed_form(
     samples_file = out_dir / "samples.jsonl"
     summary: dict[str, Any] = {}
     for rnd in range(state["round"], cfg.rounds):
-        samples = _load_round(samples_file, rnd, train) if resume else None
+        samples = _load_round(samples_file, rnd, train) if (resume or reuse_samples) else None
         if samples is None:
             t0 = time.process_time()
-            samples = policy.sample(
+            if rnd == 0 and engine_sampler is not None:
+                samples = policy.from_texts(train, contract, engine_sampler(train, cfg.k))
+            else:
+                samples = policy.sample(
                 train, contract, cfg.k, adapter=rnd > 0, max_new_tokens=cfg.max_new_tokens,
                 temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed, batch_size=cfg.gen_batch_size,
                 tag=f"round-{rnd}",
-            )  # fmt: skip
+                )  # fmt: skip
             score(samples)
             ref = policy.sequence_logprob(samples, adapter=False)
             q = policy.sequence_logprob(samples, adapter=True) if rnd > 0 else ref
@@ -354,7 +395,7 @@ def train_closed_form(
                 "ess_mean": float(np.mean([effective_sample_size([t.weight for t in samples if t.example.id == e.id])
                                            for e in train])),
             })  # fmt: skip
-        resume = None
+        resume, reuse_samples = None, False
         groups = _groups(samples, cfg)
         for epoch in range(state["epoch"] if state["round"] == rnd else 0, cfg.epochs):
             order = list(range(len(groups)))

@@ -29,7 +29,9 @@ class EchoEngine:
     async def chat(self, body: dict[str, Any]) -> dict[str, Any]:
         self.calls += 1
         text = body["messages"][-1]["content"]
-        return {"choices": [{"message": {"content": text}, "finish_reason": "stop"} for _ in range(body["n"])]}
+        return {
+            "choices": [{"message": {"content": text}, "finish_reason": "stop"} for _ in range(body["n"])]
+        }
 
 
 SCORES = {"bad rewrite about cats": 0.1, "good rewrite about cats": 0.9, "ok rewrite about cats": 0.5}

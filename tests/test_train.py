@@ -158,7 +158,9 @@ async def test_stage_uses_the_validator() -> None:
             return "m"
 
         async def chat(self, body: dict[str, Any]) -> dict[str, Any]:
-            return {"choices": [{"message": {"content": "Completely unrelated text."}, "finish_reason": "stop"}]}
+            return {
+                "choices": [{"message": {"content": "Completely unrelated text."}, "finish_reason": "stop"}]
+            }
 
     reasons: list[str] = []
     val = OutputValidator(embed=lambda ts: np.array([[1.0, 0.0] if "cat" in t else [0.0, 1.0] for t in ts]))
@@ -209,7 +211,9 @@ def test_closed_form_trains_logs_kl_and_resumes(tmp_path: Path, tiny_model: Path
     assert (ckpt / "trainer_state.pt").is_file()
     (out / "latest").write_text("checkpoint-6")
     lines = (out / "log.jsonl").read_text().splitlines()
-    keep = [ln for ln in lines if json.loads(ln).get("step", 0) <= 6 and json.loads(ln).get("event") == "step"]
+    keep = [
+        ln for ln in lines if json.loads(ln).get("step", 0) <= 6 and json.loads(ln).get("event") == "step"
+    ]
     (out / "log.jsonl").write_text("\n".join(keep) + "\n")
     run(cfg, reward_fn=length_reward, progress=False, resume=True, command="test", validator=NO_TOPIC_CHECK)
     resumed = [r for r in read_log(out / "log.jsonl") if r.get("event") == "step"]
@@ -221,3 +225,35 @@ def test_kl_is_zero_for_a_fresh_adapter(tiny_model: Path) -> None:
     policy = cf.Policy(str(tiny_model))
     cfg = cf.ClosedFormConfig(max_new_tokens=6, temperature=1.0, top_p=1.0)
     assert cf.estimate_kl(policy, EXAMPLES[:2], cfg, 0) == pytest.approx(0.0, abs=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ shipped
+async def test_shipped_adapter_rewrites_end_to_end(model_dir: Path) -> None:
+    """The default alias's prompter: the real SmolLM2 with the shipped adapter, one short rewrite."""
+    from alignpro.backends.local import LocalEngine, trained_adapter_path
+    from alignpro.errors import ConfigError
+    from alignpro.prompter.stage import PrompterStage
+    from alignpro.settings import TRAINED, EngineConfig, PrompterConfig, Settings
+
+    try:
+        path = trained_adapter_path()
+    except ConfigError:
+        pytest.skip("no prompter adapter is shipped")
+    meta = json.loads((path / "alignpro.json").read_text())
+    assert meta["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and meta["lam"] > 0
+    settings = Settings()
+    aligned = settings.aliases["smollm2-aligned"].prompter
+    assert (aligned.mode, aligned.model) == ("adapter", "alignpro-prompter")
+    assert settings.engines[aligned.engine].adapters == {"alignpro-prompter": TRAINED}
+
+    engine = LocalEngine("embedded", EngineConfig(adapters={"alignpro-prompter": TRAINED}, dtype="float32"))
+    await engine.start()
+    try:
+        cfg = PrompterConfig(mode="adapter", model="alignpro-prompter", max_tokens=48, temperature=0.0)
+        stage = PrompterStage(cfg, engine, validator=OutputValidator(0.0))
+        rw = await stage.rewrite("Write a short poem about friendship.", "adapter")
+        assert rw.info.prompter == "embedded/alignpro-prompter"
+        assert rw.info.rewritten or rw.info.fallback in {"truncated", "empty"}
+        assert rw.prompt.strip()
+    finally:
+        await engine.aclose()

@@ -33,6 +33,15 @@ import numpy as np
 from alignpro.errors import ConfigError
 
 ADAPTER_META = "alignpro.json"
+DEV_KEYS = (
+    "n",
+    "none",
+    "reference",
+    "trained",
+    "optimal",
+    "kl_trained_vs_reference",
+    "trained_minus_reference",
+)
 
 
 # ------------------------------------------------------------------------------------------------ config
@@ -53,7 +62,9 @@ def make_config(raw: dict[str, Any]) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - names)
     if unknown:
-        raise ConfigError(f"unknown {trainer} setting(s) {', '.join(unknown)}; see `alignpro train --help-config`")
+        raise ConfigError(
+            f"unknown {trainer} setting(s) {', '.join(unknown)}; see `alignpro train --help-config`"
+        )
     cfg = cls(**raw)
     if cfg.lam <= 0:
         raise ConfigError("lam must be > 0")
@@ -86,7 +97,7 @@ def config_help() -> str:
     for name, cls in config_classes().items():
         lines.append(f"trainer: {name}")
         for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[operator]
             lines.append(f"  {f.name} = {default!r}\n      {f.metadata.get('help', '')}")
     return "\n".join(lines)
 
@@ -170,7 +181,9 @@ def base_model_name(spec: str) -> str:
     return spec
 
 
-async def engine_rewrites(engine: Any, rows: Sequence[Any], cfg: Any, k: int) -> list[list[tuple[str, str | None]]]:
+async def engine_rewrites(
+    engine: Any, rows: Sequence[Any], cfg: Any, k: int
+) -> list[list[tuple[str, str | None]]]:
     """K rho_ref outputs per row drawn through ``engine`` (one request with n=K each, bounded concurrency)."""
     import asyncio
 
@@ -240,7 +253,9 @@ def evaluate(
                               temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed,
                               batch_size=cfg.gen_batch_size, tag=f"{seed_tag}-optimal")  # fmt: skip
         texts = [validator(c.example.prompt, c.text, c.finish_reason, contract).text for c in cands]
-        r_sel = selector.estimate(runner, [c.example.prompt for c in cands], texts, [c.example.kind for c in cands])
+        r_sel = selector.estimate(
+            runner, [c.example.prompt for c in cands], texts, [c.example.kind for c in cands]
+        )
         import random
 
         rng = random.Random(cfg.seed)
@@ -255,13 +270,21 @@ def evaluate(
         out[mode] = {
             "mean_reward": float(arr.mean()),
             "sem": float(arr.std(ddof=1) / np.sqrt(len(arr))) if len(arr) > 1 else 0.0,
-            "by_kind": {k: float(arr[[i for i, kk in enumerate(kinds) if kk == k]].mean()) for k in set(kinds)},
+            "by_kind": {
+                k: float(arr[[i for i, kk in enumerate(kinds) if kk == k]].mean()) for k in set(kinds)
+            },
         }
     if "trained" in per_mode:
         d = np.asarray(per_mode["trained"]) - np.asarray(per_mode["reference"])
-        out["trained_minus_reference"] = {"mean": float(d.mean()), "sem": float(d.std(ddof=1) / np.sqrt(len(d)))}
+        out["trained_minus_reference"] = {
+            "mean": float(d.mean()),
+            "sem": float(d.std(ddof=1) / np.sqrt(len(d))),
+        }
         d2 = np.asarray(per_mode["trained"]) - np.asarray(per_mode["none"])
-        out["trained_minus_none"] = {"mean": float(d2.mean()), "sem": float(d2.std(ddof=1) / np.sqrt(len(d2)))}
+        out["trained_minus_none"] = {
+            "mean": float(d2.mean()),
+            "sem": float(d2.std(ddof=1) / np.sqrt(len(d2))),
+        }
     out["eval_cpu_s"] = time.process_time() - t0
     out["examples"] = [
         {"id": e.id, "kind": e.kind, "prompt": e.prompt, **{m: rewrites[m][i] for m in rewrites},
@@ -362,7 +385,9 @@ def run(
                 from alignpro.prompter.rl import RReward, train_rl
 
                 rr = RReward(estimator, runner, validator, cfg.contract, cfg.max_new_tokens)
-                model, summary = train_rl(cfg, base_path, train, rr, out_dir, log, resume=resume, progress=progress)
+                model, summary = train_rl(
+                    cfg, base_path, train, rr, out_dir, log, resume=resume, progress=progress
+                )
                 model.save_pretrained(str(adapter_dir))
                 del model
                 summary["unusable_rate"] = rr.unusable / max(rr.seen, 1)
@@ -396,7 +421,9 @@ def run(
         runner.close()
 
 
-def write_adapter_meta(adapter_dir: Path, cfg: Any, train: Sequence[Any], report: dict[str, Any], command: str) -> None:
+def write_adapter_meta(
+    adapter_dir: Path, cfg: Any, train: Sequence[Any], report: dict[str, Any], command: str
+) -> None:
     from alignpro import __version__
     from alignpro.prompter.data import data_hash
 
@@ -405,8 +432,7 @@ def write_adapter_meta(adapter_dir: Path, cfg: Any, train: Sequence[Any], report
     dev = report.get("dev", {})
     metrics = {
         "train": report.get("train", {}),
-        "dev": {k: dev[k] for k in ("n", "none", "reference", "trained", "optimal", "kl_trained_vs_reference",
-                                    "trained_minus_reference") if k in dev},  # fmt: skip
+        "dev": {k: dev[k] for k in DEV_KEYS if k in dev},
     }
     meta = {
         "format": "alignpro-prompter/1",
@@ -455,8 +481,12 @@ def register(sub: Any) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one setting (YAML value)")
     p.add_argument("--output-dir", help="override output_dir")
-    p.add_argument("--eval-only", action="store_true", help="only evaluate output_dir/adapter on the dev split")
-    p.add_argument("--optimal-k", type=int, default=0, help="also evaluate the rho* sampler with K candidates")
+    p.add_argument(
+        "--eval-only", action="store_true", help="only evaluate output_dir/adapter on the dev split"
+    )
+    p.add_argument(
+        "--optimal-k", type=int, default=0, help="also evaluate the rho* sampler with K candidates"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--help-config", action="store_true", help="list every setting with its help and exit")
     p.set_defaults(func=cmd_train)

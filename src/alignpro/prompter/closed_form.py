@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from alignpro.backends.local import GenRequest, GenResult, Generator
+from alignpro.backends.local import Generator, GenRequest, GenResult
 from alignpro.prompter.data import Example
 from alignpro.prompter.reference import prompter_messages
 from alignpro.protocol import Contract
@@ -46,40 +46,62 @@ class TrainConfig:
     """What every prompter trainer shares. YAML keys are these field names; ``trainer`` picks the algorithm."""
 
     trainer: str = field(default="closed-form", metadata={"help": "closed-form | rl"})
-    output_dir: str = field(default="runs/prompter", metadata={"help": "Checkpoints, logs, curves and the adapter."})
+    output_dir: str = field(
+        default="runs/prompter", metadata={"help": "Checkpoints, logs, curves and the adapter."}
+    )
     data: list[str] = field(
-        default_factory=lambda: ["../shared/data/prompts/advbench.jsonl", "../shared/data/prompts/ifbench_dev.jsonl",
-                                 "../shared/data/prompts/normal_instructions.jsonl"],
+        default_factory=lambda: [
+            "../shared/data/prompts/advbench.jsonl",
+            "../shared/data/prompts/ifbench_dev.jsonl",
+            "../shared/data/prompts/normal_instructions.jsonl",
+        ],
         metadata={"help": "Prompt sources: JSONL/CSV files, folders, or offline Hugging Face dataset names."},
     )
-    train_percent: int = field(default=80, metadata={"help": "sha256(id) mod 100 < this is train; the rest dev."})
+    train_percent: int = field(
+        default=80, metadata={"help": "sha256(id) mod 100 < this is train; the rest dev."}
+    )
     train_limit: int | None = field(default=None, metadata={"help": "Train prompts used (balanced by kind)."})
     dev_limit: int = field(default=40, metadata={"help": "Dev prompts for the final evaluation (0: skip)."})
-    base_model: str = field(default="embedded", metadata={"help": "The prompter base: 'embedded' or a folder."})
+    base_model: str = field(
+        default="embedded", metadata={"help": "The prompter base: 'embedded' or a folder."}
+    )
     reward: str = field(default="safe-and-helpful", metadata={"help": "A reward spec for load_reward."})
     contract: str = field(default="rewrite", metadata={"help": "rewrite | augment"})
     lam: float = field(default=0.1, metadata={"help": "KL weight lambda (> 0); rho* ∝ rho_ref exp(R/lam)."})
     # prompter sampling
     k: int = field(default=4, metadata={"help": "Rewrites drawn per prompt (K)."})
-    max_new_tokens: int = field(default=64, metadata={"help": "Longest rewrite; a truncated one is unusable."})
+    max_new_tokens: int = field(
+        default=64, metadata={"help": "Longest rewrite; a truncated one is unusable."}
+    )
     temperature: float = field(default=0.7, metadata={"help": "Prompter sampling temperature."})
     top_p: float = field(default=0.95, metadata={"help": "Prompter nucleus sampling."})
     gen_batch_size: int = field(default=16, metadata={"help": "Rows decoded together by the prompter."})
     # frozen model, for R
-    frozen_engine: str = field(default="local", metadata={"help": "local (in-process) | openai (vLLM over HTTP)."})
-    frozen_model: str = field(default="embedded", metadata={"help": "local: folder or 'embedded'; openai: id."})
-    frozen_urls: list[str] = field(default_factory=list, metadata={"help": "openai: base URLs ending in /v1."})
+    frozen_engine: str = field(
+        default="local", metadata={"help": "local (in-process) | openai (vLLM over HTTP)."}
+    )
+    frozen_model: str = field(
+        default="embedded", metadata={"help": "local: folder or 'embedded'; openai: id."}
+    )
+    frozen_urls: list[str] = field(
+        default_factory=list, metadata={"help": "openai: base URLs ending in /v1."}
+    )
     m: int = field(default=1, metadata={"help": "Frozen answers per rewrite for the R estimate."})
-    response_max_tokens: int = field(default=64, metadata={"help": "Longest frozen answer while estimating R."})
+    response_max_tokens: int = field(
+        default=64, metadata={"help": "Longest frozen answer while estimating R."}
+    )
     response_temperature: float = field(default=0.7, metadata={"help": "Frozen sampling temperature."})
     concurrency: int = field(default=16, metadata={"help": "Frozen requests in flight."})
     frozen_server_pid: int | None = field(
-        default=None, metadata={"help": "pid of a local vLLM server whose CPU time counts in the training budget."}
+        default=None,
+        metadata={"help": "pid of a local vLLM server whose CPU time counts in the training budget."},
     )
     # LoRA and optimisation
     lora_r: int = field(default=8, metadata={"help": "LoRA rank (vLLM serves rank <= max_lora_rank)."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
-    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout (0 keeps CPU runs deterministic)."})
+    lora_dropout: float = field(
+        default=0.0, metadata={"help": "LoRA dropout (0 keeps CPU runs deterministic)."}
+    )
     target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], metadata={"help": "LoRA targets."}
     )
@@ -87,7 +109,9 @@ class TrainConfig:
     seed: int = field(default=0, metadata={"help": "Seeds sampling, the split order and initialisation."})
     save_steps: int = field(default=10, metadata={"help": "Optimizer steps between checkpoints."})
     log_steps: int = field(default=1, metadata={"help": "Optimizer steps between log lines."})
-    kl_probe_prompts: int = field(default=4, metadata={"help": "Train prompts whose fresh rewrites estimate KL."})
+    kl_probe_prompts: int = field(
+        default=4, metadata={"help": "Train prompts whose fresh rewrites estimate KL."}
+    )
     kl_every: int = field(default=5, metadata={"help": "Optimizer steps between KL estimates."})
     threads: int | None = field(default=None, metadata={"help": "torch CPU threads (None: torch's default)."})
 
@@ -97,9 +121,13 @@ class ClosedFormConfig(TrainConfig):
     """The closed-form trainer (weighted MLE towards rho*)."""
 
     trainer: str = field(default="closed-form", metadata={"help": "closed-form"})
-    rounds: int = field(default=1, metadata={"help": "Sample -> weight -> fit rounds; round r>0 samples rho_theta."})
+    rounds: int = field(
+        default=1, metadata={"help": "Sample -> weight -> fit rounds; round r>0 samples rho_theta."}
+    )
     epochs: int = field(default=2, metadata={"help": "Passes over the weighted rewrites per round."})
-    prompts_per_step: int = field(default=2, metadata={"help": "Prompts (each with its K rewrites) per step."})
+    prompts_per_step: int = field(
+        default=2, metadata={"help": "Prompts (each with its K rewrites) per step."}
+    )
     min_weight: float = field(default=0.01, metadata={"help": "Rewrites with a smaller weight are skipped."})
     sample_with_engine: bool = field(
         default=False,
@@ -216,7 +244,9 @@ class Policy:
         for i in range(0, len(rows), batch_size):
             chunk = rows[i : i + batch_size]
             reqs = [
-                GenRequest(ids, max_new_tokens, temperature, top_p, seed=s, adapter=POLICY if adapter else None)
+                GenRequest(
+                    ids, max_new_tokens, temperature, top_p, seed=s, adapter=POLICY if adapter else None
+                )
                 for _, ids, s in chunk
             ]
             results: list[GenResult] = self.gen.generate(reqs)
@@ -226,7 +256,10 @@ class Policy:
         return out
 
     def from_texts(
-        self, examples: Sequence[Example], contract: Contract, outputs: Sequence[Sequence[tuple[str, str | None]]]
+        self,
+        examples: Sequence[Example],
+        contract: Contract,
+        outputs: Sequence[Sequence[tuple[str, str | None]]],
     ) -> list[Sample]:
         """Samples from texts drawn elsewhere (e.g. rho_ref served by vLLM), re-tokenised for training."""
         out: list[Sample] = []
@@ -286,7 +319,9 @@ def completion_logprobs(policy: Policy, samples: Sequence[Sample]) -> tuple[Any,
         if s.completion_ids:
             cmask[i, keep - len(s.completion_ids) :] = 1.0
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    logits = policy.model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=keep + 1).logits
+    logits = policy.model(
+        input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=keep + 1
+    ).logits
     logits = logits[:, :-1].float()  # position t predicts token t+1: the last `keep` tokens
     target = ids[:, width - keep :]
     lp = torch.log_softmax(logits, dim=-1).gather(2, target.unsqueeze(2)).squeeze(2)
@@ -305,7 +340,9 @@ def weighted_nll(policy: Policy, samples: Sequence[Sample]) -> Any:
     return (w * nll).sum() / (w * cmask.sum(1)).sum().clamp(min=1e-6)
 
 
-def importance_weights(rewards: Sequence[float], lam: float, log_ratio: Sequence[float] | None = None) -> list[float]:
+def importance_weights(
+    rewards: Sequence[float], lam: float, log_ratio: Sequence[float] | None = None
+) -> list[float]:
     """``softmax_k(R_k / lam + log rho_ref(x'_k) - log q(x'_k))`` over one prompt's K samples; without
     ``log_ratio`` (samples from rho_ref) this is ``softmax(R / lam)``."""
     z = np.asarray(rewards, dtype=np.float64) / lam
@@ -330,8 +367,9 @@ def estimate_kl(policy: Policy, probe: Sequence[Example], cfg: TrainConfig, step
     """``E_{x' ~ rho_theta}[log rho_theta(x'|x) - log rho_ref(x'|x)]`` on fresh rewrites of ``probe``."""
     if not probe:
         return 0.0
+    contract: Contract = "augment" if cfg.contract == "augment" else "rewrite"
     samples = policy.sample(
-        probe, cfg.contract, 1, adapter=True, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+        probe, contract, 1, adapter=True, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
         top_p=cfg.top_p, seed=cfg.seed, batch_size=cfg.gen_batch_size, tag=f"kl-{step}",
     )  # fmt: skip
     theta = policy.sequence_logprob(samples, adapter=True)
@@ -400,9 +438,13 @@ def train_closed_form(
         for epoch in range(state["epoch"] if state["round"] == rnd else 0, cfg.epochs):
             order = list(range(len(groups)))
             random.Random(row_seed(cfg.seed, "order", rnd, epoch)).shuffle(order)
-            batches = [order[i : i + cfg.prompts_per_step] for i in range(0, len(order), cfg.prompts_per_step)]
+            batches = [
+                order[i : i + cfg.prompts_per_step] for i in range(0, len(order), cfg.prompts_per_step)
+            ]
             start = state["batch"] if (state["round"], state["epoch"]) == (rnd, epoch) else 0
-            bar = tqdm(total=len(batches), initial=start, desc=f"round {rnd} epoch {epoch}", disable=not progress)
+            bar = tqdm(
+                total=len(batches), initial=start, desc=f"round {rnd} epoch {epoch}", disable=not progress
+            )
             for b in range(start, len(batches)):
                 batch = [s for g in batches[b] for s in groups[g]]
                 t0 = time.process_time()
@@ -494,7 +536,9 @@ def _tuple_state(obj: Any) -> Any:
     return tuple(_tuple_state(v) for v in obj) if isinstance(obj, list) else obj
 
 
-def save_checkpoint(out_dir: Path, policy: Policy, opt: Any, state: dict[str, Any], rng: random.Random) -> Path:
+def save_checkpoint(
+    out_dir: Path, policy: Policy, opt: Any, state: dict[str, Any], rng: random.Random
+) -> Path:
     """``out_dir/checkpoint-<step>``: the adapter, the optimizer, RNG states and the loop position; ``latest``
     names the newest. Written to a temporary folder and renamed, so a crash never leaves half a checkpoint."""
     import shutil
@@ -507,7 +551,12 @@ def save_checkpoint(out_dir: Path, policy: Policy, opt: Any, state: dict[str, An
     shutil.rmtree(tmp, ignore_errors=True)
     policy.save(tmp)
     torch.save(
-        {"state": dict(state), "optimizer": opt.state_dict(), "rng": rng.getstate(), "torch_rng": torch.get_rng_state()},
+        {
+            "state": dict(state),
+            "optimizer": opt.state_dict(),
+            "rng": rng.getstate(),
+            "torch_rng": torch.get_rng_state(),
+        },
         tmp / "trainer_state.pt",
     )
     shutil.rmtree(final, ignore_errors=True)

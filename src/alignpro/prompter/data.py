@@ -112,7 +112,9 @@ def _read_hf(name: str, default_kind: str) -> list[Example]:
     try:
         import datasets
     except ImportError as exc:
-        raise ConfigError("reading a Hugging Face dataset needs `datasets` (pip install alignpro[train])") from exc
+        raise ConfigError(
+            "reading a Hugging Face dataset needs `datasets` (pip install alignpro[train])"
+        ) from exc
     path = Path(name).expanduser()
     try:
         if path.is_dir() and _saved_dataset(path):
@@ -152,7 +154,9 @@ def load_prompts(
             for p in files:
                 rows += _read_csv(p, default_kind) if p.suffix == ".csv" else _read_jsonl(p, default_kind)
         elif path.is_file():
-            rows += _read_csv(path, default_kind) if path.suffix == ".csv" else _read_jsonl(path, default_kind)
+            rows += (
+                _read_csv(path, default_kind) if path.suffix == ".csv" else _read_jsonl(path, default_kind)
+            )
         else:
             rows += _read_hf(str(src), default_kind)
     seen: set[str] = set()

@@ -188,7 +188,11 @@ class REstimator:
 
 
 def build_frozen_engine(
-    kind: str, model: str = "embedded", urls: Sequence[str] = (), dtype: str = "float32", max_batch_size: int = 16
+    kind: str,
+    model: str = "embedded",
+    urls: Sequence[str] = (),
+    dtype: str = "float32",
+    max_batch_size: int = 16,
 ) -> Engine:
     """A frozen-model engine for training and evaluation: ``local`` (in-process) or ``openai`` (vLLM over HTTP)."""
     from alignpro.settings import EngineConfig
@@ -198,7 +202,9 @@ def build_frozen_engine(
 
         return LocalEngine(
             "frozen",
-            EngineConfig(kind="local", model=model, dtype=dtype, max_batch_size=max_batch_size, batch_wait_ms=20),
+            EngineConfig(
+                kind="local", model=model, dtype=dtype, max_batch_size=max_batch_size, batch_wait_ms=20
+            ),
         )
     import httpx
 

@@ -132,5 +132,9 @@ def for_stage(
         )  # fmt: skip
 
     return OptimalSampler(
-        generate, make, k=cfg.candidates, lam=cfg.lam, validator=getattr(stage, "validator", None) or OutputValidator()
+        generate,
+        make,
+        k=cfg.candidates,
+        lam=cfg.lam,
+        validator=getattr(stage, "validator", None) or OutputValidator(),
     )

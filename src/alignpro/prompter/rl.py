@@ -39,9 +39,13 @@ class RLConfig(TrainConfig):
     max_steps: int = field(default=20, metadata={"help": "Optimizer steps."})
     prompts_per_step: int = field(default=2, metadata={"help": "Prompts per step; each gets K generations."})
     loss_type: str = field(default="dapo", metadata={"help": "GRPO loss normalisation (TRL's loss_type)."})
-    scale_rewards: str = field(default="group", metadata={"help": "GRPO advantage scaling: group | batch | none."})
+    scale_rewards: str = field(
+        default="group", metadata={"help": "GRPO advantage scaling: group | batch | none."}
+    )
     use_vllm: bool = field(default=False, metadata={"help": "Generate with a trl vllm-serve server (GPU)."})
-    vllm_server_base_url: str | None = field(default=None, metadata={"help": "use_vllm: the trl vllm-serve URL."})
+    vllm_server_base_url: str | None = field(
+        default=None, metadata={"help": "use_vllm: the trl vllm-serve URL."}
+    )
 
 
 class RReward:
@@ -91,7 +95,12 @@ def make_dataset(examples: Sequence[Example], contract: Contract) -> Any:
 
     return Dataset.from_list(
         [
-            {"prompt": prompter_messages(e.prompt, contract), "original": e.prompt, "kind": e.kind, "id": e.id}
+            {
+                "prompt": prompter_messages(e.prompt, contract),
+                "original": e.prompt,
+                "kind": e.kind,
+                "id": e.id,
+            }
             for e in examples
         ]
     )
@@ -174,8 +183,10 @@ def train_rl(
 
     t_start = time.process_time()
 
-    class LogBridge(TrainerCallback):  # type: ignore[misc]
-        def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any) -> None:
+    class LogBridge(TrainerCallback):
+        def on_log(
+            self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any
+        ) -> None:
             if not logs or "train_runtime" in logs:
                 return
             rec = {"event": "step", "step": int(state.global_step)}

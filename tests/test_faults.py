@@ -484,3 +484,24 @@ async def test_local_stream_cancelled_by_the_client_stops_decoding(model_dir: Pa
         assert time.monotonic() - t < 5
     finally:
         await engine.aclose()
+
+
+# ------------------------------------------------------------------------------------------ a short soak
+def test_short_soak_loses_nothing() -> None:
+    """bench/soak.py for 15 s at concurrency 16 against the FaultInjector: every request answered or given a
+    clear error, the gateway alive, its memory flat (the full 10-minute run is the benchmark)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "soak", Path(__file__).resolve().parents[1] / "bench" / "soak.py"
+    )
+    assert spec is not None and spec.loader is not None
+    soak = importlib.util.module_from_spec(spec)
+    sys.modules["soak"] = soak  # its dataclasses look their module up there
+    spec.loader.exec_module(soak)
+    res = soak.run("fault", duration=15, concurrency=16, max_tokens=8, sample_every=1.0)
+    assert res["sent"] > 50, res["outcomes"]
+    assert res["lost"] == 0, res["lost_examples"]
+    assert res["answered"] == res["sent"] and res["gateway_alive_at_end"]
+    assert res["outcomes"]["ok"] > 0 and res["outcomes"].get("error 422", 0) > 0  # both paths were exercised
+    assert res["rss"]["growth"] < 0.25, res["rss"]

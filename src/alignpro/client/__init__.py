@@ -16,8 +16,9 @@ request id on streams and errors, and one exception tree (:mod:`alignpro.client.
         print(client.rewrite(model="smollm2-aligned", prompt="How do I pick a lock?").prompt)
 
 :class:`AsyncAlignPro` is the same with ``await`` / ``async for`` / ``async with``. Requests that fail with a
-connection error, a timeout, 429 or 5xx are retried ``max_retries`` times (default 2) with jittered exponential
-backoff, honouring ``Retry-After``; a stream is never retried once its first byte arrived.
+connection error, 429 or 5xx are retried ``max_retries`` times (default 2) with jittered exponential backoff,
+honouring ``Retry-After``; never after a read timeout (the gateway may be generating already), and a stream
+never once its first byte arrived.
 """
 
 from __future__ import annotations

@@ -128,18 +128,13 @@ class RetryPolicy:
 
 
 def retryable(error: APIError) -> bool:
-    """Connection errors and timeouts, 429 and 5xx: what may succeed when sent again unchanged."""
+    """What may succeed when sent again unchanged, without running a generation twice: connection errors,
+    timeouts before anything was sent, 429 and 5xx."""
+    if isinstance(error, APITimeoutError):
+        return error.code in ("connect_timeout", "pool_timeout")
     if isinstance(error, APIConnectionError):
         return True
     return isinstance(error, APIStatusError) and (isinstance(error, RateLimitError) or error.status >= 500)
-
-
-def transport_error(exc: httpx.HTTPError, request_id: str) -> APIError:
-    if isinstance(exc, httpx.TimeoutException):
-        return APITimeoutError(f"the request timed out ({type(exc).__name__})", request_id=request_id)
-    return APIConnectionError(
-        f"could not reach the gateway: {type(exc).__name__}: {exc}", request_id=request_id
-    )
 
 
 def normalise_base_url(url: str) -> str:

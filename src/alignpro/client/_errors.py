@@ -20,12 +20,15 @@ names openai-python uses, so code that branches on one reads the same with the o
     │       ├── ServiceUnavailableError 503  no healthy upstream / prompter down under fail-closed
     │       └── GatewayTimeoutError     504  a stage ran past its timeout
     ├── APIStreamError                  an error event inside a stream that had started (never retried)
-    ├── APIConnectionError              no answer: connection refused or reset, a stream cut off (retried
-    │   │                               unless a stream byte had arrived)
-    │   └── APITimeoutError             the request ran past its timeout                      (retried)
+    ├── APIConnectionError              no answer: connection refused or reset (code connection_error,
+    │   │                               retried), a stream cut off (code stream_interrupted, not retried)
+    │   └── APITimeoutError             past the timeout: code connect_timeout or pool_timeout (nothing was
+    │                                   sent: retried), read_timeout or write_timeout (the gateway may be
+    │                                   generating already: not retried, which would double its work)
     └── APIResponseValidationError      a 2xx answer that is not the typed response it should be
 
-Other statuses map to the nearest class (any other 4xx: :class:`APIStatusError`; any 5xx:
+``code`` of the client-side errors says what happened; ``retryable()`` in :mod:`alignpro.client._base` is the
+one place that decides what is sent again. Other statuses map to the nearest class (any other 4xx: :class:`APIStatusError`; any 5xx:
 :class:`InternalServerError`).
 """
 
@@ -206,3 +209,25 @@ def retry_after(headers: httpx.Headers) -> float | None:
     except (TypeError, ValueError):
         return None
     return max(0.0, when.timestamp() - time.time())
+
+
+_TIMEOUT_CODES: dict[type[httpx.TimeoutException], str] = {
+    httpx.ConnectTimeout: "connect_timeout",
+    httpx.PoolTimeout: "pool_timeout",
+    httpx.WriteTimeout: "write_timeout",
+}
+
+
+def transport_error(exc: httpx.HTTPError, request_id: str | None, streaming: bool = False) -> APIError:
+    """The exception for an httpx failure: no answer, or a stream that broke off."""
+    what = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    if isinstance(exc, httpx.TimeoutException):
+        code = _TIMEOUT_CODES.get(type(exc), "read_timeout")
+        return APITimeoutError(f"the request timed out ({what})", code=code, request_id=request_id)
+    if streaming:
+        return APIConnectionError(
+            f"the stream broke off ({what})", code="stream_interrupted", request_id=request_id
+        )
+    return APIConnectionError(
+        f"could not reach the gateway ({what})", code="connection_error", request_id=request_id
+    )

@@ -22,8 +22,8 @@ from alignpro.client._errors import (
     APIError,
     APIResponseValidationError,
     APIStreamError,
-    APITimeoutError,
     error_fields,
+    transport_error,
 )
 from alignpro.protocol import AlignProInfo
 
@@ -108,11 +108,12 @@ class _StreamBase(Generic[T]):
         )
 
     def _transport_error(self, exc: httpx.HTTPError) -> APIError:
-        cls = APITimeoutError if isinstance(exc, httpx.TimeoutException) else APIConnectionError
-        return cls(f"the stream broke off: {type(exc).__name__}: {exc}", request_id=self.request_id)
+        return transport_error(exc, self.request_id, streaming=True)
 
     def _ended_early(self) -> APIConnectionError:
-        return APIConnectionError("the stream ended before [DONE]", request_id=self.request_id)
+        return APIConnectionError(
+            "the stream ended before [DONE]", code="stream_interrupted", request_id=self.request_id
+        )
 
 
 class Stream(_StreamBase[T]):

@@ -22,9 +22,8 @@ from alignpro.client._base import (
     Timeout,
     parse,
     request_body,
-    transport_error,
 )
-from alignpro.client._errors import APIError
+from alignpro.client._errors import APIError, transport_error
 from alignpro.client._streaming import Stream
 from alignpro.protocol import (
     AlignProOptions,

@@ -132,7 +132,11 @@ def parse_prompters(specs: Sequence[str]) -> list[Method]:
         elif spec == OPTIMAL:
             m = Method(OPTIMAL, "optimal")
         else:
-            if spec != TRAINED:
+            if spec == TRAINED:
+                from alignpro.backends.local import trained_adapter_path
+
+                trained_adapter_path()  # says clearly, before any model loads, when no prompter is shipped
+            else:
                 path = Path(spec).expanduser()
                 if not (path / "adapter_config.json").is_file():
                     raise ConfigError(
@@ -724,6 +728,8 @@ class EvalRunner:
             "n_prompts": len(prompts),
             "prompt_kinds": kinds,
             "refusal_threshold": REFUSAL_THRESHOLD,
+            "kl_logprobs": "per-token log-probs at temperature 1 (Generator.sequence_logprobs) of the rewrite as "
+            "sampled at prompter_temperature/prompter_top_p, under the adapter and under the base prompter",
             "alignpro_version": __version__,
             "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
         }

@@ -107,6 +107,8 @@ def _args(tiny: dict[str, Path], out: Path) -> list[str]:
         "8",
         "--dtype",
         "float32",
+        "--upper-bound-model",
+        model,  # the same weights stand in for an aligned model: the row's plumbing is what is tested
         "--bootstrap",
         "200",
         "--no-progress",
@@ -146,15 +148,15 @@ def test_eval_end_to_end_numbers_match_progress(tiny: dict[str, Path], tmp_path:
     results = json.loads((out / RESULTS_JSON).read_text())
     summary, config = results["summary"], results["config"]
     adapter = tiny["adapter"].name
-    assert summary["methods"] == ["none", "reference", adapter, f"best-of-{BEST_OF}"]
+    assert summary["methods"] == ["none", "reference", adapter, f"best-of-{BEST_OF}", "rlhf:model"]
     assert config["command"].startswith("alignpro eval --prompts ")
     assert f"--samples {SAMPLES}" in config["command"] and config["n_prompts"] == len(PROMPTS)
 
     # Every number in results.json comes from the progress file: recompute the summary from it.
     rows = read_progress(out / PROGRESS_JSONL)
-    assert len(rows) == 4 * len(PROMPTS)
+    assert len(rows) == 5 * len(PROMPTS)
     records = records_from_progress(rows)
-    assert len(records) == 4 * len(PROMPTS) * SAMPLES
+    assert len(records) == 5 * len(PROMPTS) * SAMPLES
     again = summarize(records, baseline="none", n_resamples=200, seed=0)
     assert {k: v for k, v in summary.items() if k != "run"} == json.loads(json.dumps(again))
 

@@ -171,7 +171,8 @@ async def one(
                 tally.lost(f"status {r.status_code}: {r.text[:100]}")
                 return
     except (httpx.HTTPError, ValueError) as exc:
-        tally.lost(f"{type(exc).__name__}: {exc}"[:200])
+        kind = "stream" if stream else "plain"
+        tally.lost(f"{type(exc).__name__} ({kind}, after {time.perf_counter() - t:.2f} s): {exc}"[:200])
         return
     tally.outcomes["ok"] += 1
     tally.latencies.append(time.perf_counter() - t)
@@ -309,6 +310,7 @@ def run(
                 alive = gw.p is not None and gw.p.poll() is None
             finally:
                 gw.stop()
+            gateway_log = (tmp / "gateway.log").read_text(errors="replace")
         finally:
             upstream.stop()
     answered = sum(v for k, v in tally.outcomes.items() if k != "lost")
@@ -330,6 +332,7 @@ def run(
             "p99": round(pct(tally.latencies, 0.99), 4),
         },
         "gateway_alive_at_end": alive,
+        "gateway_log_tail": gateway_log[-3000:] if tally.outcomes["lost"] else "",
         "rss": rss_growth(samples),
         "rss_samples": [(round(t, 1), round(r, 1)) for t, r in samples],
         "command": "python " + " ".join(sys.argv),

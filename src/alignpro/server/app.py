@@ -237,6 +237,9 @@ def create_app(
     return app
 
 
+KEEP_ALIVE_S = 75  # seconds; nginx's default, and above the 60 s idle timeout of common load balancers
+
+
 def serve(settings: Settings) -> None:
     import uvicorn
 
@@ -251,5 +254,8 @@ def serve(settings: Settings) -> None:
         log_level=settings.log_level,
         # SIGTERM: stop listening, let in-flight requests and streams finish for this long, then cancel them.
         timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_s),
+        # Idle keep-alive connections are kept longer than clients keep them (httpx, openai-python: 5 s), so a
+        # client never sends a request on a connection the server is closing at that moment (a lost request).
+        timeout_keep_alive=KEEP_ALIVE_S,
     )
     GracefulServer(config, drain).run()

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -587,7 +588,7 @@ def bench_prompts(n: int, seed: int = 0) -> list[str]:
 
 
 async def chat_load(
-    url: str, bodies: list[dict[str, Any]], concurrency: int, timeout: float = 600
+    url: str, bodies: list[dict[str, Any]], concurrency: int, timeout: float = 1800
 ) -> dict[str, Any]:
     """POST each body to ``url`` with ``concurrency`` workers (httpx); wall time, latencies, usage, headers."""
     import httpx
@@ -635,6 +636,9 @@ async def chat_load(
         "cache_hits": sum(1 for h in headers_seen if h.get("x-alignpro-cache") == "hit"),
         "rewritten": sum(1 for h in headers_seen if h.get("x-alignpro-rewritten") == "true"),
         "fallbacks": sum(1 for h in headers_seen if "x-alignpro-fallback" in h),
+        "fallback_reasons": dict(
+            Counter(h["x-alignpro-fallback"] for h in headers_seen if "x-alignpro-fallback" in h)
+        ),
         "prompter_ms_mean": round(sum(pms) / len(pms), 1)
         if (
             pms := [float(h["x-alignpro-prompter-ms"]) for h in headers_seen if "x-alignpro-prompter-ms" in h]

@@ -44,6 +44,9 @@ from common import (
 )
 
 ADAPTER = ROOT / "src" / "alignpro" / "data" / "prompter"
+# The prompter's own deadline (default 60 s) would turn slow rewrites on a loaded CPU into fallbacks (the original
+# prompt served, nothing cached): that would measure the fail-open path, not the prompter.
+PROMPTER_TIMEOUT = 1800
 GOALS = {"cold": 1.3, "warm": 1.05}  # aligned / frozen-alone latency at concurrency 16 on vLLM-CPU
 
 
@@ -51,25 +54,30 @@ def vllm_config(url: str, trained: bool) -> str:
     cfg = f"""
 log_level: warning
 rewrite_cache_size: 4096
+read_timeout_s: 1800
 engines:
   vllm: {{kind: openai, urls: ["{url}"], model: "{VLLM_SERVED}"}}
 aliases:
   frozen: {{engine: vllm, prompter: {{mode: "off", engine: vllm}}}}
-  aligned-ref: {{engine: vllm, prompter: {{mode: reference, engine: vllm}}}}
+  aligned-ref: {{engine: vllm, prompter: {{mode: reference, engine: vllm, timeout_s: {PROMPTER_TIMEOUT}}}}}
 """
     if trained:
-        cfg += "  aligned-trained: {engine: vllm, prompter: {mode: adapter, engine: vllm, model: alignpro-prompter}}\n"
+        cfg += (
+            "  aligned-trained: {engine: vllm, prompter: {mode: adapter, engine: vllm, model: alignpro-prompter, "
+            f"timeout_s: {PROMPTER_TIMEOUT}}}}}\n"
+        )
     return cfg
 
 
-LOCAL_CONFIG = """
+LOCAL_CONFIG = f"""
 log_level: warning
 rewrite_cache_size: 4096
+read_timeout_s: 1800
 engines:
-  embedded: {kind: local, model: embedded, max_batch_size: 16}
+  embedded: {{kind: local, model: embedded, max_batch_size: 16}}
 aliases:
-  frozen: {engine: embedded, prompter: {mode: "off", engine: embedded}}
-  aligned-ref: {engine: embedded, prompter: {mode: reference, engine: embedded}}
+  frozen: {{engine: embedded, prompter: {{mode: "off", engine: embedded}}}}
+  aligned-ref: {{engine: embedded, prompter: {{mode: reference, engine: embedded, timeout_s: {PROMPTER_TIMEOUT}}}}}
 """
 
 
@@ -110,7 +118,7 @@ def run_part(
                 print(
                     f"  {part} round {r} {system:16s} {p:4s} p50 {res['p50_s']:7.3f} s  mean {res['mean_s']:7.3f}"
                     f" s  {res['rps']:6.3f} req/s  hits {res['cache_hits']}  rewritten {res['rewritten']}"
-                    f"  fallbacks {res['fallbacks']}  errors {res['n_errors']} {res['errors'][:1]}",
+                    f"  fallbacks {res['fallbacks']} {res['fallback_reasons']}  errors {res['n_errors']} {res['errors'][:1]}",
                     flush=True,
                 )
     return summarize(runs, baseline)

@@ -227,6 +227,25 @@ def test_kl_is_zero_for_a_fresh_adapter(tiny_model: Path) -> None:
     assert cf.estimate_kl(policy, EXAMPLES[:2], cfg, 0) == pytest.approx(0.0, abs=1e-5)
 
 
+def test_rl_trainer_runs_grpo_with_kl_to_the_reference(tmp_path: Path, tiny_model: Path) -> None:
+    pytest.importorskip("trl")
+    from alignpro.cli.train import read_log, run
+    from alignpro.prompter.rl import RLConfig
+
+    cfg = RLConfig(
+        output_dir=str(tmp_path / "rl"), data=[str(write_jsonl(tmp_path / "data.jsonl", EXAMPLES[:4]))],
+        train_percent=100, base_model=str(tiny_model), frozen_model=str(tiny_model), k=2, m=1, max_new_tokens=6,
+        response_max_tokens=3, temperature=1.0, top_p=1.0, max_steps=2, prompts_per_step=1, lam=0.1,
+        learning_rate=5e-2, save_steps=1, dev_limit=0, seed=0,
+    )  # fmt: skip
+    report = run(cfg, reward_fn=length_reward, progress=False, command="test", validator=NO_TOPIC_CHECK)
+    out = Path(cfg.output_dir)
+    steps = [r for r in read_log(out / "log.jsonl") if r.get("event") == "step"]
+    assert report["train"]["steps"] == 2 and steps and all("kl" in r for r in steps)
+    assert (out / "checkpoint-2").is_dir() and (out / "adapter" / "adapter_config.json").is_file()
+    assert json.loads((out / "adapter" / "alignpro.json").read_text())["trainer"] == "rl"
+
+
 # ------------------------------------------------------------------------------------------------ shipped
 async def test_shipped_adapter_rewrites_end_to_end(model_dir: Path) -> None:
     """The default alias's prompter: the real SmolLM2 with the shipped adapter, one short rewrite."""

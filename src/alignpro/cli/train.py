@@ -232,6 +232,7 @@ def evaluate(
         samples = policy.sample(dev, contract, 1, adapter=adapter, max_new_tokens=cfg.max_new_tokens,
                                 temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed,
                                 batch_size=cfg.gen_batch_size, tag=f"{seed_tag}-{mode}")  # fmt: skip
+        validator.prefetch([t for s in samples for t in (s.example.prompt, s.text.strip())])
         served = []
         reasons: dict[str, int] = {}
         for s in samples:
@@ -326,7 +327,7 @@ def run(
     command = command or " ".join(shlex.quote(a) for a in sys.argv)
     if not resume and not eval_only and (out_dir / "log.jsonl").exists():
         (out_dir / "log.jsonl").unlink()
-        for stale in ("samples.jsonl", "latest"):
+        for stale in ("samples.jsonl", "latest", "engine_samples.json"):
             (out_dir / stale).unlink(missing_ok=True)
 
     train = balanced(load_prompts(cfg.data, split="train", train_percent=cfg.train_percent), cfg.train_limit)
@@ -363,6 +364,7 @@ def run(
                 state = cf.load_checkpoint(ckpt) if ckpt else None
 
                 def score(samples: list[Any]) -> None:
+                    validator.prefetch([t for s in samples for t in (s.example.prompt, s.text.strip())])
                     for s in samples:
                         parsed = validator(s.example.prompt, s.text, s.finish_reason, cfg.contract)
                         s.served, s.reason = parsed.text, parsed.reason
@@ -375,7 +377,17 @@ def run(
                 if cfg.sample_with_engine:
 
                     def sampler(rows: Sequence[Any], k: int) -> list[list[tuple[str, str | None]]]:
-                        return runner.run(engine_rewrites(engine, rows, cfg, k))
+                        # kept on disk: an interrupted run resumes without drawing them again
+                        raw = out_dir / "engine_samples.json"
+                        if resume and raw.is_file():
+                            got = json.loads(raw.read_text())
+                            if [g["id"] for g in got] == [r.id for r in rows]:
+                                return [[(t, f) for t, f in g["outputs"]] for g in got]
+                        drawn = runner.run(engine_rewrites(engine, rows, cfg, k))
+                        raw.write_text(
+                            json.dumps([{"id": r.id, "outputs": d} for r, d in zip(rows, drawn, strict=True)])
+                        )
+                        return drawn
 
                 summary = cf.train_closed_form(cfg, policy, train, score, out_dir, log, resume=state,
                                                progress=progress, engine_sampler=sampler,

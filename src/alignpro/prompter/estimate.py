@@ -210,5 +210,8 @@ def build_frozen_engine(
 
     from alignpro.backends.openai import OpenAIEngine
 
-    cfg = EngineConfig(kind="openai", model=model, urls=list(urls))
-    return OpenAIEngine("frozen", cfg, httpx.Timeout(connect=5.0, read=300.0, write=30.0, pool=30.0), 900.0)
+    # Training queues hundreds of requests on a server that may be slow (vLLM-CPU): a request can wait long for
+    # its turn, and one slow answer must not eject the only replica.
+    cfg = EngineConfig(kind="openai", model=model, urls=list(urls), failure_threshold=1000)
+    timeout = httpx.Timeout(connect=10.0, read=3600.0, write=60.0, pool=3600.0)
+    return OpenAIEngine("frozen", cfg, timeout, 7200.0)

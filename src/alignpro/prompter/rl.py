@@ -79,6 +79,8 @@ class RReward:
         if original is None or kind is None:
             raise ValueError("the R reward needs the dataset's `original` and `kind` columns")
         served: list[str | None] = []
+        texts = [c[-1]["content"] if isinstance(c, list) else str(c) for c in completions]
+        self.validator.prefetch(list(original) + [t.strip() for t in texts])
         for i, c in enumerate(completions):
             text = c[-1]["content"] if isinstance(c, list) else str(c)
             ids = completion_ids[i] if completion_ids is not None else []

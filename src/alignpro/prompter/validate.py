@@ -65,6 +65,13 @@ class OutputValidator:
         v = self._embed([a, b])
         return float(np.dot(v[0], v[1]) / max(np.linalg.norm(v[0]) * np.linalg.norm(v[1]), 1e-12))
 
+    def prefetch(self, texts: list[str]) -> None:
+        """Embed ``texts`` in one batch ahead of many calls (the embedder caches them): one MiniLM pass instead
+        of one per call."""
+        if self.similarity("", "") is not None and texts:
+            assert self._embed is not None
+            self._embed(list(dict.fromkeys(texts)))
+
     def __call__(
         self, original: str, output: str, finish_reason: str | None, contract: Contract = "rewrite"
     ) -> Parsed:

@@ -257,9 +257,10 @@ def test_eval_resumes_without_redoing_finished_prompts(tiny: dict[str, Path], tm
 
 
 @pytest.mark.slow
-def test_eval_with_a_pairwise_judge(tiny: dict[str, Path], tmp_path: Path) -> None:
-    """--judge against a real OpenAI-compatible server: a gateway serving the tiny model. Its random replies name
-    no winner, so every verdict is the judge's neutral fallback, counted and reported as such."""
+def test_eval_with_the_optimal_sampler_and_a_pairwise_judge(tiny: dict[str, Path], tmp_path: Path) -> None:
+    """The rho* sampler as the gateway serves it, and --judge against a real OpenAI-compatible server: a gateway
+    serving the tiny model. Its random replies name no winner, so every verdict is the judge's neutral fallback,
+    counted and reported as such."""
     config = f"engines:\n  embedded: {{kind: local, model: '{tiny['model']}', dtype: float32}}\n"
     server, url = start_gateway(tmp_path, config=config)
     try:
@@ -268,7 +269,10 @@ def test_eval_with_a_pairwise_judge(tiny: dict[str, Path], tmp_path: Path) -> No
             prompts=[str(tiny["prompts"])],
             out=str(out),
             frozen=f"local:{tiny['model']}",
-            prompters=["none"],
+            prompter_model=f"local:{tiny['model']}",
+            prompters=["none", "optimal"],
+            candidates=3,
+            prompter_max_tokens=8,
             reward="python:tests.test_eval_run:length_reward",
             judge=f"{url}/v1#smollm2",
             judge_max_tokens=8,
@@ -283,10 +287,14 @@ def test_eval_with_a_pairwise_judge(tiny: dict[str, Path], tmp_path: Path) -> No
         summary = asyncio.run(EvalRunner(cfg).arun())
     finally:
         server.stop()
-    judged = summary["results"][f"best-of-{BEST_OF}"]["all"]["judge_win_rate"]
-    assert judged is not None and judged["n_verdicts"] == 2 and judged["n_both_orders"] == 2
-    assert judged["value"] == 0.5  # ties only: the judge's fallback for replies without a verdict
-    assert summary["run"]["judge_this_session"] == {"calls": 4, "unparsed": 4, "retries": 0}
+    for method in ("optimal", f"best-of-{BEST_OF}"):
+        judged = summary["results"][method]["all"]["judge_win_rate"]
+        assert judged is not None and judged["n_verdicts"] == 2 and judged["n_both_orders"] == 2
+        assert judged["value"] == 0.5  # ties only: the judge's fallback for replies without a verdict
+    assert summary["run"]["judge_this_session"] == {"calls": 8, "unparsed": 8, "retries": 0}
+    # The sampler drew K candidates per prompt from the prompter (their tokens are the prompter's cost).
+    cost = summary["results"]["optimal"]["all"]["cost"]["prompter_tokens"]
+    assert cost["n"] == 2 and cost["mean"] == 3 * 8
     assert summary["results"]["none"]["all"]["judge_win_rate"] is None
     rows = read_progress(out / PROGRESS_JSONL)
     assert all(r["judge_ab"] == 0.5 and r["judge_ba"] == 0.5 for row in rows if row["method"] != "none"

@@ -272,6 +272,32 @@ async def test_failing_replica_is_not_called_while_ejected(fi: FaultInjector) ->
         await engine.aclose()
 
 
+async def test_retries_only_where_nothing_can_run_twice(fi: FaultInjector) -> None:
+    """With two replicas: a 503 ("not taken on") is tried on the other one; a read timeout and a stream that
+    broke off after it started are not retried (the work may have run)."""
+    other = await asyncio.to_thread(FaultInjector(free_port()).start)
+    cfg = EngineConfig(kind="openai", urls=[fi.url, other.url], model="ok", failure_threshold=100)
+    engine = build_engine("two", cfg, Settings(connect_timeout_s=1, read_timeout_s=1, request_timeout_s=3))
+    await engine.start()
+
+    def sent(model: str) -> int:
+        return fi.received[model] + other.received[model]
+
+    try:
+        with pytest.raises(Exception) as err:
+            await engine.chat(body("status-503"))
+        assert sent("status-503") == 2 and getattr(err.value, "status_code", None) in (502, 503)
+        with pytest.raises(Exception) as err:
+            await engine.chat(body("slow-5"))
+        assert sent("slow-5") == 1 and getattr(err.value, "status_code", None) == 504
+        events = [e async for e in engine.chat_stream(body("dropstream", stream=True))]
+        assert sent("dropstream") == 1
+        assert events[-1] == b"data: [DONE]\n\n" and b"stream_interrupted" in events[-2]
+    finally:
+        await engine.aclose()
+        await asyncio.to_thread(other.stop)
+
+
 def test_gateway_serves_as_soon_as_its_upstream_is_back(
     gw: tuple[str, ServerProcess], revive_port: int
 ) -> None:

@@ -7,6 +7,9 @@ One vLLM process serves the embedded SmolLM2 for the whole module, with a random
     smollm2-aligned   the reference prompter, run by the same vLLM on the base model
     smollm2-adapter   the prompter as a LoRA adapter on the same vLLM, called by name (mode adapter)
 
+vLLM comes from .venv-vllm (or ``$ALIGNPRO_VLLM_PYTHON``) and must answer /health within 180 s
+(``$ALIGNPRO_VLLM_START_TIMEOUT`` on a slower machine); otherwise every test here errors with vLLM's log tail.
+
 Greedy decoding (temperature 0) makes "the same as vLLM directly" an exact comparison. Requests are short
 (a few tokens) because the CI machine is two shared CPU cores; speed is measured in bench/vllm_latency.py.
 """
@@ -14,6 +17,7 @@ Greedy decoding (temperature 0) makes "the same as vLLM directly" an exact compa
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from collections.abc import Iterator
@@ -70,7 +74,8 @@ def vllm(smollm2_dir: Path, adapter_dir: Path, workdir: Path) -> Iterator[Server
         workdir,
         lora={ADAPTER: adapter_dir},
         extra_args=["--no-enable-prefix-caching"],
-        timeout=180.0,
+        # ~30 s on an idle 2-core runner, ~80 s at load 3, over 180 s on a machine shared by many jobs.
+        timeout=float(os.environ.get("ALIGNPRO_VLLM_START_TIMEOUT", "180")),
     )
     try:
         yield server

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from alignpro.errors import ConfigError
+from alignpro.errors import ConfigError, UpstreamError
 from alignpro.eval.metrics import summarize
 from alignpro.eval.report import MEAN_PNG, REPORT_MD, RESULTS_JSON, VARIANCE_PNG
 from alignpro.eval.runner import (
@@ -299,3 +299,26 @@ def test_eval_with_the_optimal_sampler_and_a_pairwise_judge(tiny: dict[str, Path
     rows = read_progress(out / PROGRESS_JSONL)
     assert all(r["judge_ab"] == 0.5 and r["judge_ba"] == 0.5 for row in rows if row["method"] != "none"
                for r in row["records"])  # fmt: skip
+
+
+def test_eval_with_an_unreachable_frozen_model_names_what_failed(
+    tiny: dict[str, Path], tmp_path: Path
+) -> None:
+    """Every prompt is tried, the failures are counted in one clear error, and no report is written from half a run."""
+    from tests.conftest import free_port
+
+    out = tmp_path / "out"
+    cfg = EvalConfig(
+        prompts=[str(tiny["prompts"])],
+        out=str(out),
+        frozen=f"openai:http://127.0.0.1:{free_port()}/v1#nobody",  # nothing listens there
+        prompters=["none"],
+        reward="python:tests.test_eval_run:length_reward",
+        best_of=0,
+        limit=4,
+        progress=False,
+    )
+    with pytest.raises(UpstreamError, match=r"4 \(method, prompt\) pairs failed.*rerun the same command"):
+        asyncio.run(EvalRunner(cfg).arun())
+    assert read_progress(out / PROGRESS_JSONL) == []
+    assert not (out / RESULTS_JSON).exists()

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from alignpro.backends.base import Engine
-from alignpro.errors import ConfigError
+from alignpro.errors import AlignProError, ConfigError, UpstreamError
 from alignpro.eval.metrics import EvalRecord, summarize
 from alignpro.eval.report import write_report
 from alignpro.prompter.data import Example, balanced, load_prompts
@@ -631,6 +631,7 @@ class EvalRunner:
             if self.fingerprints.get(row["method"]) == row.get("fingerprint"):
                 done[(row["method"], row["prompt_id"])] = row
         wall = time.perf_counter()
+        self.failures: list[tuple[str, str, str]] = []
         await self._start()
         try:
             with progress_path.open("a", encoding="utf-8") as sink:
@@ -640,6 +641,12 @@ class EvalRunner:
         finally:
             await self._close()
         wall_s = time.perf_counter() - wall
+        if self.failures:
+            method, pid, why = self.failures[0]
+            raise UpstreamError(
+                f"{len(self.failures)} (method, prompt) pairs failed, e.g. {method} / {pid}: {why}. The finished ones "
+                f"are saved in {progress_path}; rerun the same command to retry the rest."
+            )
 
         ids = {e.id for e in prompts}
         rows = read_progress(progress_path)
@@ -669,7 +676,13 @@ class EvalRunner:
         async def one(ex: Example) -> None:
             base = done.get((self.baseline, ex.id))
             async with sem:
-                row = await self._one(m, ex, base["answers"] if base else None)
+                try:
+                    row = await self._one(m, ex, base["answers"] if base else None)
+                except AlignProError as exc:
+                    # An upstream that fails now may answer on a rerun; the other prompts go on meanwhile.
+                    self.failures.append((m.name, ex.id, exc.message))
+                    log.warning("%s / %s failed: %s", m.name, ex.id, exc.message)
+                    return
             # One line per finished prompt, flushed at once: a killed run loses only prompts in flight.
             sink.write(json.dumps(row, ensure_ascii=False) + "\n")
             sink.flush()

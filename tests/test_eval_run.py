@@ -301,15 +301,15 @@ def test_eval_with_the_optimal_sampler_and_a_pairwise_judge(tiny: dict[str, Path
                for r in row["records"])  # fmt: skip
 
 
-def test_eval_with_an_unreachable_frozen_model_names_what_failed(
-    tiny: dict[str, Path], tmp_path: Path
-) -> None:
+def test_eval_with_an_unreachable_frozen_model_names_what_failed(tmp_path: Path) -> None:
     """Every prompt is tried, the failures are counted in one clear error, and no report is written from half a run."""
     from tests.conftest import free_port
 
     out = tmp_path / "out"
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
     cfg = EvalConfig(
-        prompts=[str(tiny["prompts"])],
+        prompts=[str(data)],
         out=str(out),
         frozen=f"openai:http://127.0.0.1:{free_port()}/v1#nobody",  # nothing listens there
         prompters=["none"],

@@ -266,7 +266,7 @@ def start_upstream(target: str, tmp: Path, model_dir: str | None) -> tuple[Proc,
         "VLLM_CACHE_ROOT": str(tmp / "vllm-cache"),
         "HF_HUB_OFFLINE": "1",
     }
-    proc = Proc(args, f"http://127.0.0.1:{port}/health", tmp / "upstream.log", env).start(600)
+    proc = Proc(args, f"http://127.0.0.1:{port}/health", tmp / "upstream.log", env).start(1200)
     return proc, f"http://127.0.0.1:{port}/v1", "smollm2"
 
 

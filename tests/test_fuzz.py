@@ -72,6 +72,11 @@ def test_schemathesis_finds_no_server_error(target: str) -> None:
 
     raw = httpx.get(f"{target}/openapi.json", headers=AUTH, timeout=10).json()
     assert "ChatCompletionRequest" in raw["components"]["schemas"]
+    # Random model names only ever reach the 404; pin `model` to the served aliases so that most generated
+    # requests go all the way through the prompter stage and the engine (the rest of the schema is as served).
+    aliases = [m["id"] for m in httpx.get(f"{target}/v1/models", headers=AUTH).json()["data"]]
+    for name in ("ChatCompletionRequest", "CompletionRequest", "RewriteRequest"):
+        raw["components"]["schemas"][name]["properties"]["model"] = {"type": "string", "enum": aliases}
     schema = schemathesis.openapi.from_dict(raw)
     statuses: Counter[int] = Counter()
     failures: list[str] = []
@@ -88,7 +93,7 @@ def test_schemathesis_finds_no_server_error(target: str) -> None:
     total = sum(statuses.values())
     print(f"schemathesis: {total} cases, statuses {dict(sorted(statuses.items()))}")
     assert total >= EXAMPLES * 4  # it did generate (more than a handful of operations x examples)
-    assert statuses[200] > 0  # and some were valid enough to be served
+    assert statuses[200] > EXAMPLES  # and many were valid enough to be served
     assert not failures, "\n".join(failures[:10])
 
 

@@ -235,6 +235,8 @@ def test_eval_resumes_without_redoing_finished_prompts(tiny: dict[str, Path], tm
     total = 3 * len(PROMPTS)
     assert len(PROMPTS) + 2 <= done_first < total
     first = {(r["method"], r["prompt_id"]): r for r in read_progress(out / PROGRESS_JSONL)}
+    with (out / PROGRESS_JSONL).open("a") as f:
+        f.write('{"method": "none", "prompt_id": "b1", "rec')  # a line torn by a kill -9 mid-write
 
     runner = EvalRunner(config())
     summary = asyncio.run(runner.arun())

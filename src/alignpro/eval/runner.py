@@ -286,6 +286,12 @@ def select_prompts(cfg: EvalConfig) -> list[Example]:
     return rows
 
 
+def _ends_with_newline(path: Path) -> bool:
+    with path.open("rb") as f:
+        f.seek(-1, 2)
+        return f.read(1) == b"\n"
+
+
 def read_progress(path: Path) -> list[dict[str, Any]]:
     """The lines of a progress file; a torn last line (the run was killed while writing it) is skipped."""
     if not path.is_file():
@@ -635,6 +641,8 @@ class EvalRunner:
         await self._start()
         try:
             with progress_path.open("a", encoding="utf-8") as sink:
+                if progress_path.stat().st_size and not _ends_with_newline(progress_path):
+                    sink.write("\n")  # end a line torn by a kill, so the next row starts on its own line
                 # Methods one after the other, prompts concurrently: a local engine batches rows of one adapter.
                 for m in self.methods:
                     await self._run_method(m, prompts, done, sink)

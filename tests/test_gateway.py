@@ -305,3 +305,16 @@ aliases:
         assert r.status_code == 403
     finally:
         server.stop()
+
+
+def test_prompt_too_long_for_the_prompter_fails_open(client: openai.OpenAI) -> None:
+    """The prompter's context (instruction + examples + prompt) overflows before the frozen model's does."""
+    raw = client.chat.completions.with_raw_response.create(
+        model="smollm2-aligned",
+        messages=[{"role": "user", "content": "hello " * 8000}],
+        max_tokens=2,
+    )
+    resp = raw.parse()
+    info = (resp.model_extra or {})["alignpro"]
+    assert info["rewritten"] is False and info["fallback"] == "prompter_rejected_prompt"
+    assert raw.headers["x-alignpro-fallback"] == "prompter_rejected_prompt"

@@ -18,7 +18,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from alignpro.backends.base import Engine
-from alignpro.errors import AlignProError, InvalidRequestError, UpstreamUnavailableError
+from alignpro.errors import (
+    ContextLengthError,
+    InvalidRequestError,
+    UpstreamStatusError,
+    UpstreamUnavailableError,
+)
 from alignpro.prompter.cache import TTLCache
 from alignpro.prompter.reference import prompter_messages
 from alignpro.prompter.validate import Validator, default_validator
@@ -111,9 +116,23 @@ class PrompterStage:
                         raw, finish = (await self.generate(text, mode, contract))[0]
                         parsed = await asyncio.to_thread(self.validator, text, raw, finish, contract)
                         out, reason = parsed.text, parsed.reason
+            except (ContextLengthError, UpstreamStatusError) as exc:
+                # The prompter's model refused the prompt itself (too long for its context, say). Fail-open
+                # serves the original, which the frozen model may still take; fail-closed relays that 4xx.
+                # Upstream overload (429/5xx) is an unavailable prompter like any other failure.
+                refused = isinstance(exc, ContextLengthError) or (
+                    400 <= exc.status_code < 500 and exc.status_code != 429
+                )
+                if self.cfg.fail_policy == "closed":
+                    if refused:
+                        raise
+                    raise UpstreamUnavailableError(
+                        f"the prompter is unavailable ({type(exc).__name__})", code="prompter_unavailable"
+                    ) from exc
+                reason = "prompter_rejected_prompt" if refused else "prompter_unavailable"
             except InvalidRequestError:
                 raise
-            except (AlignProError, TimeoutError, OSError) as exc:
+            except Exception as exc:  # any prompter failure, a bug in its engine included, follows the policy
                 if self.cfg.fail_policy == "closed":
                     raise UpstreamUnavailableError(
                         f"the prompter is unavailable ({type(exc).__name__})", code="prompter_unavailable"

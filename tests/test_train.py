@@ -221,6 +221,23 @@ def test_closed_form_trains_logs_kl_and_resumes(tmp_path: Path, tiny_model: Path
     assert [r["loss"] for r in resumed[6:]] == pytest.approx([r["loss"] for r in steps[6:]], rel=1e-4)
 
 
+def test_shared_prefix_loss_equals_the_full_loss(tiny_model: Path) -> None:
+    policy = cf.Policy(str(tiny_model))
+    with torch.no_grad():
+        for name, p in policy.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    e = EXAMPLES[0]
+    ids = policy.prompt_ids(e.prompt, "rewrite")
+    samples = [cf.Sample(e, ids, [100, 200, 300, 2], "a", "stop", weight=0.7),
+               cf.Sample(e, ids, [400, 2], "b", "stop", weight=0.3)]  # fmt: skip
+    full = cf.weighted_nll(policy, samples)
+    shared = cf.weighted_nll(policy, samples, shared_prefix=True)
+    assert float(shared) == pytest.approx(float(full), rel=1e-4)
+    shared.backward()
+    assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in policy.trainable_parameters())
+
+
 def test_kl_is_zero_for_a_fresh_adapter(tiny_model: Path) -> None:
     policy = cf.Policy(str(tiny_model))
     cfg = cf.ClosedFormConfig(max_new_tokens=6, temperature=1.0, top_p=1.0)

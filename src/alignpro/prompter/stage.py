@@ -61,6 +61,12 @@ class PrompterStage:
         # Empty, truncated, leaking or off-topic output falls back to the original prompt (counted there).
         self.validator: Validator = validator or default_validator()
 
+    async def start(self) -> None:
+        """Load what the first rewrite would otherwise wait for (the validator's embedding model)."""
+        similarity = getattr(self.validator, "similarity", None)
+        if similarity is not None and self.cfg.mode != "off":
+            await asyncio.to_thread(similarity, "warm", "up")
+
     def name(self, mode: Mode) -> str | None:
         if mode == "off" or self.engine is None:
             return None

@@ -123,6 +123,7 @@ class Gateway:
 
     async def start(self) -> None:
         await asyncio.gather(*(e.start() for e in self.engines.values()))
+        await asyncio.gather(*(r.stage.start() for r in self.routes.values()))
 
     async def aclose(self) -> None:
         await asyncio.gather(*(e.aclose() for e in self.engines.values()), return_exceptions=True)

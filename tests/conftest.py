@@ -26,7 +26,9 @@ def free_port() -> int:
 class ServerProcess:
     """A server started as a subprocess, waited for on a health URL, stopped by its process id."""
 
-    def __init__(self, args: list[str], health_url: str, env: dict[str, str] | None = None, log: Path | None = None):
+    def __init__(
+        self, args: list[str], health_url: str, env: dict[str, str] | None = None, log: Path | None = None
+    ):
         self.args = args
         self.health_url = health_url
         self.env = {**os.environ, **(env or {})}
@@ -65,7 +67,9 @@ class ServerProcess:
             self.proc.wait(timeout=10)
 
 
-def start_gateway(tmp: Path, config: str | None = None, env: dict[str, str] | None = None) -> tuple[ServerProcess, str]:
+def start_gateway(
+    tmp: Path, config: str | None = None, env: dict[str, str] | None = None
+) -> tuple[ServerProcess, str]:
     """``alignpro serve`` on a free port; returns the process and its base URL (no /v1)."""
     port = free_port()
     args = [sys.executable, "-m", "alignpro.cli.main", "serve", "--port", str(port)]

@@ -85,7 +85,9 @@ def test_stream_equals_non_stream_when_greedy(client: openai.OpenAI) -> None:
 
 
 def test_completions(client: openai.OpenAI) -> None:
-    resp = client.completions.create(model="smollm2", prompt="The capital of France is", max_tokens=5, temperature=0)
+    resp = client.completions.create(
+        model="smollm2", prompt="The capital of France is", max_tokens=5, temperature=0
+    )
     assert resp.choices[0].text
     assert resp.model_extra and resp.model_extra["alignpro"]["mode"] == "off"
 
@@ -117,16 +119,23 @@ def test_mode_override_per_request(client: openai.OpenAI) -> None:
 @pytest.mark.parametrize(
     ("call", "status", "param"),
     [
-        (lambda c: c.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}]), 404, "model"),
+        (
+            lambda c: c.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}]),
+            404,
+            "model",
+        ),
         (lambda c: c.chat.completions.create(model="smollm2", messages=[]), 422, "messages"),
         (
-            lambda c: c.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "x"}], n=999),
+            lambda c: c.chat.completions.create(
+                model="smollm2", messages=[{"role": "user", "content": "x"}], n=999
+            ),
             422,
             "n",
         ),
         (
             lambda c: c.chat.completions.create(
-                model="smollm2", messages=[{"role": "wizard", "content": "x"}]  # type: ignore[misc,list-item]
+                model="smollm2",
+                messages=[{"role": "wizard", "content": "x"}],  # type: ignore[misc,list-item]
             ),
             422,
             "messages.0.role",
@@ -191,7 +200,9 @@ aliases:
 
 def test_openai_engine_relays_chat_and_usage(front: str) -> None:
     c = openai.OpenAI(base_url=f"{front}/v1", api_key="x", max_retries=0)
-    resp = c.chat.completions.create(model="relay", messages=[{"role": "user", "content": "Hi"}], max_tokens=5)
+    resp = c.chat.completions.create(
+        model="relay", messages=[{"role": "user", "content": "Hi"}], max_tokens=5
+    )
     assert resp.choices[0].message.content is not None
     assert resp.usage is not None and resp.usage.total_tokens > 0
     stream = c.chat.completions.create(
@@ -224,12 +235,20 @@ def faulty_gateway(faults: FaultInjector, tmp_path_factory: pytest.TempPathFacto
     dead = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
     # One engine per fault: a replica that keeps failing is ejected (circuit breaker), which would otherwise
     # turn every later case into a 503.
-    faults_by_alias = {"ok": "ok", "slow": "slow-10", "broken": "status-500", "badjson": "badjson", "drop": "dropstream"}
+    faults_by_alias = {
+        "ok": "ok",
+        "slow": "slow-10",
+        "broken": "status-500",
+        "badjson": "badjson",
+        "drop": "dropstream",
+    }
     engines = "".join(
         f'  {alias}: {{kind: openai, urls: ["{faults.url}"], model: {model}}}\n'
         for alias, model in faults_by_alias.items()
     )
-    aliases = "".join(f"  {alias}: {{engine: {alias}, prompter: {{mode: off}}}}\n" for alias in faults_by_alias)
+    aliases = "".join(
+        f"  {alias}: {{engine: {alias}, prompter: {{mode: off}}}}\n" for alias in faults_by_alias
+    )
     config = f"""
 read_timeout_s: 1.5
 request_timeout_s: 3
@@ -298,7 +317,10 @@ aliases:
 """
     server, url = start_gateway(tmp_path, config)
     try:
-        r = httpx.post(f"{url}/v1/chat/completions", json={"model": "ok", "messages": [{"role": "user", "content": "secret"}]})
+        r = httpx.post(
+            f"{url}/v1/chat/completions",
+            json={"model": "ok", "messages": [{"role": "user", "content": "secret"}]},
+        )
         assert r.status_code == 200
         assert "original_prompt" not in r.json()["alignpro"] and "secret" not in r.text
         r = httpx.post(f"{url}/v1/alignpro/rewrite", json={"model": "ok", "prompt": "secret"})

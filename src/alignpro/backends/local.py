@@ -490,6 +490,7 @@ class LocalEngine(Engine):
     async def _stream(self, body: dict[str, Any], reqs: list[GenRequest], chat: bool) -> AsyncIterator[bytes]:
         loop = asyncio.get_running_loop()
         deltas: asyncio.Queue[tuple[int, str]] = asyncio.Queue()
+
         def sink(i: int) -> Callable[[str], None]:
             def put(text: str) -> None:  # runs on the generation thread
                 loop.call_soon_threadsafe(deltas.put_nowait, (i, text))

@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from alignpro.prompter.injection import echo_fragment
 from alignpro.prompter.reference import Parsed, parse_output
 from alignpro.protocol import Contract
 
@@ -79,6 +80,11 @@ class OutputValidator:
         if parsed.text is None:
             self._count(parsed.reason or "unusable")
             return parsed
+        # A "rewrite" that is only a short verbatim cut of the request is what an injected prompter emits
+        # (bench/injection.py: hijacks 5.6% -> 0%, no usable benign rewrite rejected).
+        if contract == "rewrite" and echo_fragment(original, parsed.text):
+            self._count("echo_fragment")
+            return Parsed(None, "echo_fragment")
         threshold = self.min_similarity.get(contract, 0.0)
         if threshold > 0 and parsed.text != original:
             sim = self.similarity(original, parsed.text)

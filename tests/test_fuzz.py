@@ -228,7 +228,7 @@ EVENT_TEXT = st.text(st.characters(codec="utf-8", exclude_characters="\r"), max_
 
 @st.composite
 def chunked_stream(draw: st.DrawFn) -> tuple[list[bytes], list[bytes]]:
-    """(events as sent, the byte stream cut at arbitrary points)."""
+    """(events as relayed, the byte stream as sent, cut at arbitrary points; LF or CRLF line ends)."""
     texts = draw(st.lists(EVENT_TEXT, min_size=1, max_size=8))
     events = [
         b"data: "
@@ -237,6 +237,8 @@ def chunked_stream(draw: st.DrawFn) -> tuple[list[bytes], list[bytes]]:
         for t in texts
     ] + [b"data: [DONE]\n\n"]
     blob = b"".join(events)
+    if draw(st.booleans()):  # SSE allows CRLF; the relay normalises it to LF
+        blob = blob.replace(b"\n", b"\r\n")
     cuts = sorted(set(draw(st.lists(st.integers(1, max(1, len(blob) - 1)), max_size=20))))
     pieces = [blob[a:b] for a, b in zip([0, *cuts], [*cuts, len(blob)], strict=True) if blob[a:b]]
     return events, pieces

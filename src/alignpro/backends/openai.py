@@ -328,6 +328,10 @@ class OpenAIEngine(Engine):
             try:
                 async for piece in resp.aiter_raw():
                     buf += piece
+                    if b"\r" in buf:
+                        # SSE allows CRLF line ends; relay them as LF events (a CR split from its LF across
+                        # two pieces is joined here once the LF arrives).
+                        buf = buf.replace(b"\r\n", b"\n")
                     # Relay each complete event as soon as it is there; keep the incomplete tail.
                     while True:
                         end = buf.find(b"\n\n")

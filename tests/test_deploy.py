@@ -88,7 +88,29 @@ def test_dockerfile_installs_what_the_makefile_pins() -> None:
     for pin in [_makefile_var("TORCH"), *_makefile_var("MODEL_PKGS").split()]:
         assert pin in run, f"Dockerfile does not install {pin} as the Makefile does"
     # The gateway variant is the base install: no extras, hence no torch.
-    assert re.search(r"gateway\)\s+pip install --no-cache-dir \. ;;", run)
+    assert re.search(r"gateway\)\s+pip install --no-cache-dir -c constraints.txt \. ;;", run)
+    # Every install takes the tested versions, as the Makefile's do.
+    installs = re.findall(r"pip install [^;]*", run)
+    assert installs and all("-c constraints.txt" in line for line in installs), installs
+
+
+def test_constraints_pin_what_the_makefile_pins() -> None:
+    """The constraint files are the exact versions the tests passed with; they must agree with the Makefile's
+    own pins, or `make` would ask pip for two versions at once."""
+
+    def pins(name: str) -> dict[str, str]:
+        lines = (ROOT / name).read_text().splitlines()
+        pairs = [ln.split("==") for ln in lines if ln and not ln.startswith("#")]
+        assert all(len(p) == 2 for p in pairs), f"{name} holds a line that is not name==version"
+        return {n.lower(): v for n, v in pairs}
+
+    main, vllm = pins("constraints.txt"), pins("constraints-vllm.txt")
+    for pin in [_makefile_var("TORCH"), *_makefile_var("MODEL_PKGS").split()]:
+        name, version = pin.split("==")
+        assert main.get(name) == version, f"constraints.txt pins {name}=={main.get(name)}, the Makefile {pin}"
+    name, version = _makefile_var("VLLM").split("==")
+    assert vllm.get(name) == version
+    assert vllm.get("torch") == main["torch"], "the two environments must use the same CPU torch build"
 
 
 def test_vllm_version_matches_the_one_the_tests_run() -> None:

@@ -118,6 +118,30 @@ def _args(tiny: dict[str, Path], out: Path) -> list[str]:
     ]
 
 
+def test_models_loaded_in_parallel_threads_are_whole(tiny: dict[str, Path]) -> None:
+    """The evaluator and the gateway open the frozen model and the prompter on worker threads at once. With
+    transformers 5.24 two unguarded loads left a tied lm_head uninitialised (NaN logits); loads now hold
+    ``models.LOAD_LOCK``, so every copy matches one loaded alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    from alignpro.backends.local import Generator
+
+    path = str(tiny["model"])
+    alone = Generator(path, dtype="float32")
+    ids = torch.tensor([alone.text_ids("Write a poem about the sea.")])
+    with torch.no_grad():
+        want = alone.model(input_ids=ids).logits
+    with ThreadPoolExecutor(4) as pool:
+        gens = list(pool.map(lambda _: Generator(path, dtype="float32"), range(4)))
+    for g in gens:
+        assert g.model.lm_head.weight.data_ptr() == g.model.model.embed_tokens.weight.data_ptr()
+        with torch.no_grad():
+            got = g.model(input_ids=ids).logits
+        assert torch.isfinite(got).all() and torch.equal(got, want)
+
+
 def test_spec_parsing() -> None:
     assert EngineSpec.parse("local:embedded") == EngineSpec("local", "embedded")
     assert EngineSpec.parse("openai:http://127.0.0.1:8000/v1#m") == EngineSpec(

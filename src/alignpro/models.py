@@ -22,6 +22,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,11 @@ from alignpro.errors import ConfigError
 log = logging.getLogger(__name__)
 
 MANIFEST = "alignpro-model.json"
+# transformers' from_pretrained is not thread-safe: while it builds a model it swaps process-global state (which
+# init functions run, the default dtype). Two loads in two threads (the gateway or the evaluator opening the
+# frozen model and the prompter at once) left one model's tied lm_head uninitialised with transformers 5.24, so
+# its logits were NaN. Every model load in this package holds this lock.
+LOAD_LOCK = threading.RLock()
 EMBEDDED = "embedded"  # the model name that means "the default embedded model"
 
 
@@ -104,8 +110,11 @@ def _convert(src: Path, out: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
-    model: Any = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.bfloat16)
+    with LOAD_LOCK:
+        tokenizer = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
+        model: Any = AutoModelForCausalLM.from_pretrained(
+            src.parent, gguf_file=src.name, dtype=torch.bfloat16
+        )
     # The GGUF loader dequantizes the weights but leaves a quantizer attached, and save_pretrained refuses a
     # quantized model. The weights are plain tensors by now, so drop the quantizer before saving.
     model.hf_quantizer = None
@@ -125,7 +134,8 @@ def _verify(out: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(out)
     if not tokenizer.chat_template:
         raise RuntimeError("the converted tokenizer has no chat template")
-    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
+    with LOAD_LOCK:
+        model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
     ids: Any = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True)
     if not isinstance(ids, list):  # transformers 5 returns a BatchEncoding
         ids = ids["input_ids"]

@@ -84,18 +84,19 @@ class Generator:
 
         self.torch = torch
         self.model_path = model_path
-        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        model: Any = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))
-        model.eval()
         self.adapters = dict(adapters or {})
-        if self.adapters:
-            from peft import PeftModel
-
-            first, *rest = self.adapters.items()
-            model = PeftModel.from_pretrained(model, resolve_adapter(first[1]), adapter_name=first[0])
-            for name, path in rest:
-                model.load_adapter(resolve_adapter(path), adapter_name=name)
+        with models.LOAD_LOCK:
+            self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+            model: Any = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))
             model.eval()
+            if self.adapters:
+                from peft import PeftModel
+
+                first, *rest = self.adapters.items()
+                model = PeftModel.from_pretrained(model, resolve_adapter(first[1]), adapter_name=first[0])
+                for name, path in rest:
+                    model.load_adapter(resolve_adapter(path), adapter_name=name)
+                model.eval()
         self.model = model
         cfg = model.config
         self.context_length: int = int(getattr(cfg, "max_position_embeddings", 2048))

@@ -34,6 +34,7 @@ import numpy as np
 import numpy.typing as npt
 
 from alignpro.errors import ConfigError
+from alignpro.models import LOAD_LOCK
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,6 @@ class Embedder:
     ) -> None:
         self._loader = loader or _load_minilm
         self._model: Any = None
-        self._load_lock = threading.Lock()
         # SentenceTransformer.encode is not safe to call concurrently (a fast tokenizer raises "Already
         # borrowed" when two threads pad at once), so encoding is serialised; the cache has its own lock.
         self._encode_lock = threading.Lock()
@@ -84,7 +84,7 @@ class Embedder:
     @property
     def model(self) -> Any:
         if self._model is None:
-            with self._load_lock:
+            with LOAD_LOCK:  # sentence-transformers loads through transformers' from_pretrained
                 if self._model is None:
                     self._model = self._loader()
         return self._model

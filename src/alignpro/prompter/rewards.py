@@ -45,6 +45,7 @@ from alignpro.errors import (
     UpstreamTimeoutError,
     UpstreamUnavailableError,
 )
+from alignpro.models import LOAD_LOCK
 from alignpro.prompter.classifiers import Array, default_embedder, load_head
 
 HARMFUL, BENIGN = "harmful", "benign"
@@ -197,8 +198,11 @@ class HFReward:
             if self._loaded is None:
                 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-                tok = AutoTokenizer.from_pretrained(self.path)
-                model = AutoModelForSequenceClassification.from_pretrained(self.path).to(self.device).eval()
+                with LOAD_LOCK:
+                    tok = AutoTokenizer.from_pretrained(self.path)
+                    model = (
+                        AutoModelForSequenceClassification.from_pretrained(self.path).to(self.device).eval()
+                    )
                 if tok.pad_token is None:
                     tok.pad_token = tok.eos_token or tok.unk_token
                 # Decoder classifiers pool at the last non-pad token and refuse batches without a pad id.

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from alignpro import models
 from alignpro.prompter.closed_form import TrainConfig
 from alignpro.prompter.data import Example
 from alignpro.prompter.estimate import LoopThread, REstimator
@@ -124,10 +125,11 @@ def train_rl(
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
     contract: Contract = "augment" if cfg.contract == "augment" else "rewrite"
-    tok = AutoTokenizer.from_pretrained(base_path)
+    with models.LOAD_LOCK:
+        tok = AutoTokenizer.from_pretrained(base_path)
+        model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
     peft_cfg = LoraConfig(
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,

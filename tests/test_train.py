@@ -263,6 +263,25 @@ def test_rl_trainer_runs_grpo_with_kl_to_the_reference(tmp_path: Path, tiny_mode
     assert json.loads((out / "adapter" / "alignpro.json").read_text())["trainer"] == "rl"
 
 
+def test_rl_trainer_stops_at_its_cpu_budget(tmp_path: Path, tiny_model: Path) -> None:
+    """``cpu_budget_s`` ends the run after the step that spends it (how rl is compared with closed-form)."""
+    pytest.importorskip("trl")
+    from alignpro.cli.train import read_log, run
+    from alignpro.prompter.rl import RLConfig
+
+    cfg = RLConfig(
+        output_dir=str(tmp_path / "rl"), data=[str(write_jsonl(tmp_path / "data.jsonl", EXAMPLES[:4]))],
+        train_percent=100, base_model=str(tiny_model), frozen_model=str(tiny_model), k=2, m=1, max_new_tokens=6,
+        response_max_tokens=3, max_steps=5, prompts_per_step=1, save_steps=10, dev_limit=0, seed=0,
+        cpu_budget_s=0.0,
+    )  # fmt: skip
+    report = run(cfg, reward_fn=length_reward, progress=False, command="test", validator=NO_TOPIC_CHECK)
+    assert report["train"]["steps"] == 1 and report["train"]["rl_cpu_s"] > 0
+    assert [
+        r["step"] for r in read_log(Path(cfg.output_dir) / "log.jsonl") if r["event"] == "cpu_budget_reached"
+    ] == [1]
+
+
 # ------------------------------------------------------------------------------------------------ shipped
 async def test_shipped_adapter_rewrites_end_to_end(model_dir: Path) -> None:
     """The default alias's prompter: the real SmolLM2 with the shipped adapter, one short rewrite."""

@@ -43,6 +43,11 @@ class RLConfig(TrainConfig):
     scale_rewards: str = field(
         default="group", metadata={"help": "GRPO advantage scaling: group | batch | none."}
     )
+    cpu_budget_s: float | None = field(
+        default=None,
+        metadata={"help": "Stop after the step that brings this process's CPU time past this many seconds (for "
+                  "comparing trainers at the same CPU budget; max_steps still bounds the run)."},
+    )  # fmt: skip
     use_vllm: bool = field(default=False, metadata={"help": "Generate with a trl vllm-serve server (GPU)."})
     vllm_server_base_url: str | None = field(
         default=None, metadata={"help": "use_vllm: the trl vllm-serve URL."}
@@ -202,6 +207,12 @@ def train_rl(
             rec["cpu_s"] = time.process_time() - t_start
             log_fn(rec)
 
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if cfg.cpu_budget_s is not None and time.process_time() - t_start >= cfg.cpu_budget_s:
+                log_fn({"event": "cpu_budget_reached", "step": int(state.global_step),
+                        "cpu_s": time.process_time() - t_start})  # fmt: skip
+                control.should_training_stop = True
+
     trainer = trainer_cls(
         model=model,
         reward_funcs=[reward],
@@ -212,5 +223,9 @@ def train_rl(
         callbacks=[LogBridge()],
     )
     out = trainer.train(resume_from_checkpoint=True if resume else None)
-    summary = {"steps": int(trainer.state.global_step), "train_loss": float(out.training_loss)}
+    summary = {
+        "steps": int(trainer.state.global_step),
+        "train_loss": float(out.training_loss),
+        "rl_cpu_s": time.process_time() - t_start,
+    }
     return trainer.model, summary

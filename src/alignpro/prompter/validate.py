@@ -76,7 +76,7 @@ class OutputValidator:
     def __call__(
         self, original: str, output: str, finish_reason: str | None, contract: Contract = "rewrite"
     ) -> Parsed:
-        parsed = parse_output(output, finish_reason, original)
+        parsed = parse_output(output, finish_reason, original, contract)
         if parsed.text is None:
             self._count(parsed.reason or "unusable")
             return parsed

@@ -244,19 +244,26 @@ def test_kl_is_zero_for_a_fresh_adapter(tiny_model: Path) -> None:
     assert cf.estimate_kl(policy, EXAMPLES[:2], cfg, 0) == pytest.approx(0.0, abs=1e-5)
 
 
-def test_rl_trainer_runs_grpo_with_kl_to_the_reference(tmp_path: Path, tiny_model: Path) -> None:
+def _rl_run(tmp_path: Path, tiny_model: Path, **overrides: Any) -> tuple[dict[str, Any], Path]:
+    """One TRL GRPO run on the tiny model (4 prompts, K=2); returns the report and the output folder."""
     pytest.importorskip("trl")
-    from alignpro.cli.train import read_log, run
+    from alignpro.cli.train import run
     from alignpro.prompter.rl import RLConfig
 
     cfg = RLConfig(
         output_dir=str(tmp_path / "rl"), data=[str(write_jsonl(tmp_path / "data.jsonl", EXAMPLES[:4]))],
         train_percent=100, base_model=str(tiny_model), frozen_model=str(tiny_model), k=2, m=1, max_new_tokens=6,
-        response_max_tokens=3, temperature=1.0, top_p=1.0, max_steps=2, prompts_per_step=1, lam=0.1,
-        learning_rate=5e-2, save_steps=1, dev_limit=0, seed=0,
+        response_max_tokens=3, temperature=1.0, top_p=1.0, prompts_per_step=1, lam=0.1, learning_rate=5e-2,
+        dev_limit=0, seed=0, **overrides,
     )  # fmt: skip
     report = run(cfg, reward_fn=length_reward, progress=False, command="test", validator=NO_TOPIC_CHECK)
-    out = Path(cfg.output_dir)
+    return report, Path(cfg.output_dir)
+
+
+def test_rl_trainer_runs_grpo_with_kl_to_the_reference(tmp_path: Path, tiny_model: Path) -> None:
+    from alignpro.cli.train import read_log
+
+    report, out = _rl_run(tmp_path, tiny_model, max_steps=2, save_steps=1)
     steps = [r for r in read_log(out / "log.jsonl") if r.get("event") == "step"]
     assert report["train"]["steps"] == 2 and steps and all("kl" in r for r in steps)
     assert (out / "checkpoint-2").is_dir() and (out / "adapter" / "adapter_config.json").is_file()
@@ -265,21 +272,12 @@ def test_rl_trainer_runs_grpo_with_kl_to_the_reference(tmp_path: Path, tiny_mode
 
 def test_rl_trainer_stops_at_its_cpu_budget(tmp_path: Path, tiny_model: Path) -> None:
     """``cpu_budget_s`` ends the run after the step that spends it (how rl is compared with closed-form)."""
-    pytest.importorskip("trl")
-    from alignpro.cli.train import read_log, run
-    from alignpro.prompter.rl import RLConfig
+    from alignpro.cli.train import read_log
 
-    cfg = RLConfig(
-        output_dir=str(tmp_path / "rl"), data=[str(write_jsonl(tmp_path / "data.jsonl", EXAMPLES[:4]))],
-        train_percent=100, base_model=str(tiny_model), frozen_model=str(tiny_model), k=2, m=1, max_new_tokens=6,
-        response_max_tokens=3, max_steps=5, prompts_per_step=1, save_steps=10, dev_limit=0, seed=0,
-        cpu_budget_s=0.0,
-    )  # fmt: skip
-    report = run(cfg, reward_fn=length_reward, progress=False, command="test", validator=NO_TOPIC_CHECK)
+    report, out = _rl_run(tmp_path, tiny_model, max_steps=5, save_steps=10, cpu_budget_s=0.0)
     assert report["train"]["steps"] == 1 and report["train"]["rl_cpu_s"] > 0
-    assert [
-        r["step"] for r in read_log(Path(cfg.output_dir) / "log.jsonl") if r["event"] == "cpu_budget_reached"
-    ] == [1]
+    budget = [r["step"] for r in read_log(out / "log.jsonl") if r["event"] == "cpu_budget_reached"]
+    assert budget == [1]
 
 
 # ------------------------------------------------------------------------------------------------ shipped

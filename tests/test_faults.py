@@ -106,6 +106,7 @@ engines:
   stall: {{kind: openai, urls: ["{fi.url}"], model: slowstream-3}}
   trickle: {{kind: openai, urls: ["{fi.url}"], model: slowstream-0.5}}
   door: {{kind: openai, urls: ["http://127.0.0.1:{door.port}/v1"], model: ok}}
+  busy: {{kind: openai, urls: ["{fi.url}"], model: ratelimit-1000000}}
   p_hang: {{kind: openai, urls: ["{fi.url}"], model: slow-30}}
   p_500: {{kind: openai, urls: ["{fi.url}"], model: status-500}}
   p_badjson: {{kind: openai, urls: ["{fi.url}"], model: badjson}}
@@ -114,6 +115,7 @@ engines:
 aliases:
   later: {{engine: later, prompter: {{mode: off}}}}
   ok: {{engine: fi, prompter: {{mode: off}}}}
+  busy: {{engine: busy, prompter: {{mode: off}}}}
   slowfirst: {{engine: slowfirst, prompter: {{mode: off}}}}
   stall: {{engine: stall, prompter: {{mode: off}}}}
   trickle: {{engine: trickle, prompter: {{mode: off}}}}
@@ -136,6 +138,16 @@ def test_upstream_that_hangs_up_is_a_502(gw: tuple[str, ServerProcess]) -> None:
     r = httpx.post(f"{url}/v1/chat/completions", json=body("door"), timeout=10)
     assert r.status_code == 502 and r.json()["error"]["type"] == "upstream_error"
     assert time.monotonic() - t < 2
+
+
+def test_upstream_rate_limit_is_relayed_with_its_retry_after(gw: tuple[str, ServerProcess]) -> None:
+    """An overloaded upstream's 429 reaches the caller as a 429 with the upstream's Retry-After, streaming or
+    not, so that a client backs off for as long as the upstream asked (openai-python honours the header)."""
+    url, _ = gw
+    for stream in (False, True):
+        r = httpx.post(f"{url}/v1/chat/completions", json=body("busy", stream=stream), timeout=10)
+        assert r.status_code == 429 and r.headers.get("retry-after") == "1", (stream, r.text)
+        assert r.json()["error"]["code"] == "ratelimit"
 
 
 def test_stream_whose_first_byte_is_late_is_a_504(gw: tuple[str, ServerProcess]) -> None:

@@ -79,9 +79,17 @@ def _error_message(resp_body: bytes, status: int) -> tuple[dict[str, Any] | None
     return (body if isinstance(body, dict) else None), f"upstream answered {status}"
 
 
-def _server_error(status: int, parsed: dict[str, Any] | None, msg: str) -> AlignProError:
+def _server_error(
+    status: int, parsed: dict[str, Any] | None, msg: str, headers: httpx.Headers | None = None
+) -> AlignProError:
     if status == 429:
-        return UpstreamStatusError(429, parsed, msg)
+        err = UpstreamStatusError(429, parsed, msg)
+        # The upstream knows when it will take work again; a client that honours Retry-After (openai-python
+        # does) should hear it rather than retry blind.
+        retry_after = (headers.get("retry-after") or "").strip() if headers is not None else ""
+        if retry_after.isdigit():  # delta-seconds; anything else is not relayed
+            err.headers["retry-after"] = retry_after
+        return err
     if status == 503:
         # Passed on as a 503, not a 502: a gateway in front of this one may then try another replica.
         return UpstreamUnavailableError(f"the upstream is unavailable ({msg})")
@@ -235,7 +243,7 @@ class OpenAIEngine(Engine):
                     self._ok(rep)  # the replica works; the request was wrong
                     raise client_error(resp.status_code, resp.content, path)
                 self._failed(rep, f"status {resp.status_code}")
-                last = _server_error(resp.status_code, parsed, msg)
+                last = _server_error(resp.status_code, parsed, msg, resp.headers)
                 if resp.status_code in _RETRYABLE_STATUS:
                     continue
                 raise last
@@ -312,7 +320,7 @@ class OpenAIEngine(Engine):
                     self._ok(rep)
                     raise client_error(resp.status_code, content, path)
                 self._failed(rep, f"status {resp.status_code}")
-                last = _server_error(resp.status_code, parsed, msg)
+                last = _server_error(resp.status_code, parsed, msg, resp.headers)
                 if resp.status_code in _RETRYABLE_STATUS:
                     continue
                 raise last

@@ -1,5 +1,6 @@
-"""Shared pieces of the benchmarks: servers started and stopped by process id, an instant nginx upstream, a
-wrk load generator, a time-to-first-byte probe, CPU accounting from /proc, percentiles, tables and JSON.
+"""Shared pieces of the benchmarks: an instant nginx upstream, gateway and vLLM servers, a wrk load generator, a
+time-to-first-byte probe, percentiles, tables and JSON. Servers (started and stopped by process id) and CPU
+accounting from /proc are ``tests/servers.py``'s, the same the tests use.
 
 Every benchmark measures the systems it compares in the same run, interleaved, and reports ratios: the machine
 is shared, so absolute numbers drift from one minute to the next while ratios taken side by side hold.
@@ -15,7 +16,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,137 +29,16 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 PYTHON = str(ROOT / ".venv" / "bin" / "python")
-CLK_TCK = os.sysconf("SC_CLK_TCK")
+# The scripts run as `python bench/x.py`, with bench/ (not the repository root) on sys.path: the root is needed
+# for tests.servers, the process helpers the tests use too (the bench scripts import them from here).
+sys.path.insert(0, str(ROOT))
+
+from tests.servers import Server, cpu_seconds, free_port  # noqa: E402
 
 
 def exit_on_sigterm() -> None:
     """Turn SIGTERM into SystemExit, so a killed benchmark still stops the servers it started (finally blocks)."""
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-# ------------------------------------------------------------------------------------------------ processes
-def _children(pid: int) -> list[int]:
-    out: list[int] = []
-    try:
-        for task in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{task}/children") as f:
-                out += [int(c) for c in f.read().split()]
-    except OSError:
-        pass
-    return out
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime+stime of a process and all its descendants that are alive (seconds)."""
-    total = 0.0
-    todo = [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            with open(f"/proc/{p}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        # fields[0] is field 3 (state); utime and stime are fields 14 and 15.
-        total += (int(fields[11]) + int(fields[12])) / CLK_TCK
-        todo += _children(p)
-    return total
-
-
-class Server:
-    """A subprocess waited for on a health URL and stopped by its process id (SIGTERM, then SIGKILL)."""
-
-    def __init__(
-        self,
-        name: str,
-        args: list[str],
-        health_url: str | None,
-        env: dict[str, str] | None = None,
-        log: Path | None = None,
-        cwd: Path | None = None,
-    ) -> None:
-        self.name = name
-        self.args = args
-        self.health_url = health_url
-        self.env = {**os.environ, **(env or {})}
-        self.log = log
-        self.cwd = cwd
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def start(self, timeout: float = 120.0) -> Server:
-        import httpx
-
-        out = open(self.log, "wb") if self.log else subprocess.DEVNULL  # noqa: SIM115
-        # A new session, so a server's own workers can be signalled as a group by the leader's pid.
-        self.proc = subprocess.Popen(
-            self.args,
-            env=self.env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            cwd=self.cwd,
-            start_new_session=True,
-        )
-        if self.health_url is None:
-            return self
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                if httpx.get(self.health_url, timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        self.stop()
-        raise RuntimeError(
-            f"{self.name}: {self.health_url} did not come up in {timeout:.0f} s:\n{self.log_tail()}"
-        )
-
-    def log_tail(self, n: int = 3000) -> str:
-        if self.log and self.log.exists():
-            return self.log.read_bytes()[-n:].decode(errors="replace")
-        return "(no log)"
-
-    def cpu(self) -> float:
-        return cpu_seconds(self.pid)
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        with _suppress_lookup():
-            os.killpg(self.proc.pid, signal.SIGTERM)  # the group led by our own child, nothing else
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            with _suppress_lookup():
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=10)
-
-    def __enter__(self) -> Server:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
-class _suppress_lookup:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, et: type[BaseException] | None, *rest: object) -> bool:
-        return et is not None and issubclass(et, ProcessLookupError)
 
 
 # ------------------------------------------------------------------------------------------------ nginx
@@ -258,7 +137,8 @@ http {{
         "nginx",
         [exe, "-p", str(workdir), "-c", str(workdir / "nginx.conf"), "-e", str(workdir / "nginx-error.log")],
         f"{url}/health",
-        log=workdir / "nginx.out",
+        log_path=workdir / "nginx.out",
+        grace=20.0,
     )
     return server.start(timeout=20), url
 
@@ -273,7 +153,8 @@ def alignpro_gateway(
     path.write_text(config)
     url = f"http://127.0.0.1:{port}"
     args = [PYTHON, "-m", "alignpro.cli.main", "serve", "--port", str(port), "--config", str(path)]
-    server = Server("alignpro", args, f"{url}/health", env=env, log=workdir / f"alignpro-{port}.log")
+    log = workdir / f"alignpro-{port}.log"
+    server = Server("alignpro", args, f"{url}/health", env=env, log_path=log, grace=20.0)
     return server.start(timeout=timeout), url
 
 
@@ -563,9 +444,8 @@ def vllm(
         "VLLM_NO_USAGE_STATS": "1",
         "DO_NOT_TRACK": "1",
     }
-    server = Server(
-        "vllm", args, f"http://127.0.0.1:{port}/health", env=env, log=workdir / f"vllm-{port}.log"
-    )
+    log = workdir / f"vllm-{port}.log"
+    server = Server("vllm", args, f"http://127.0.0.1:{port}/health", env=env, log_path=log, grace=20.0)
     return server.start(timeout=timeout), f"http://127.0.0.1:{port}/v1"
 
 

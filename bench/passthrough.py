@@ -97,7 +97,8 @@ litellm_settings: {{drop_params: true, telemetry: false}}
         ],
         f"{url}/health/liveliness",
         env={"LITELLM_LOG": "ERROR", "LITELLM_TELEMETRY": "False", "DISABLE_SCHEMA_UPDATE": "True"},
-        log=workdir / "litellm.log",
+        log_path=workdir / "litellm.log",
+        grace=20.0,
     )
     return server.start(timeout=180), url
 

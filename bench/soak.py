@@ -27,10 +27,7 @@ import datetime as dt
 import json
 import os
 import random
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -45,53 +42,11 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 PYTHON = sys.executable
 VLLM_PYTHONS = [ROOT / ".venv-vllm" / "bin" / "python", Path("/tmp/vllmvenv/bin/python")]
+# Run as `python bench/soak.py`, with bench/ (not the repository root) on sys.path: the root is needed for
+# tests.servers, the process helpers the tests use too.
+sys.path.insert(0, str(ROOT))
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Proc:
-    """A subprocess waited for on a URL and stopped by its process id."""
-
-    def __init__(self, args: list[str], url: str, log: Path, env: dict[str, str] | None = None) -> None:
-        self.args, self.url, self.log = args, url, log
-        self.env = {**os.environ, **(env or {})}
-        self.p: subprocess.Popen[bytes] | None = None
-
-    def start(self, timeout: float) -> Proc:
-        self.p = subprocess.Popen(
-            self.args, env=self.env, stdout=self.log.open("wb"), stderr=subprocess.STDOUT, cwd=ROOT
-        )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.p.poll() is not None:
-                raise RuntimeError(f"{self.args[:3]} exited: {self.log.read_text()[-2000:]}")
-            try:
-                if httpx.get(self.url, timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise RuntimeError(f"{self.url} not up after {timeout:.0f} s: {self.log.read_text()[-2000:]}")
-
-    @property
-    def pid(self) -> int:
-        assert self.p is not None
-        return self.p.pid
-
-    def stop(self) -> None:
-        if self.p is None or self.p.poll() is not None:
-            return
-        os.kill(self.p.pid, signal.SIGTERM)
-        try:
-            self.p.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.kill(self.p.pid, signal.SIGKILL)
-            self.p.wait(timeout=10)
+from tests.servers import Server, free_port  # noqa: E402
 
 
 def rss_mb(pid: int) -> float:
@@ -231,12 +186,14 @@ def pct(xs: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(q * len(s)))]
 
 
-def start_upstream(target: str, tmp: Path, model_dir: str | None) -> tuple[Proc, str, str]:
+def start_upstream(target: str, tmp: Path, model_dir: str | None) -> tuple[Server, str, str]:
     """The upstream process, its /v1 URL and the model id the gateway should send."""
     port = free_port()
     if target == "fault":
         args = [PYTHON, "-m", "tests.faults", "--port", str(port)]
-        proc = Proc(args, f"http://127.0.0.1:{port}/v1/models", tmp / "upstream.log").start(60)
+        proc = Server(
+            "upstream", args, f"http://127.0.0.1:{port}/v1/models", log_path=tmp / "upstream.log", cwd=ROOT
+        ).start(60)
         return proc, f"http://127.0.0.1:{port}/v1", "ok"
     py = next((p for p in VLLM_PYTHONS if p.exists()), None)
     if py is None:
@@ -266,7 +223,9 @@ def start_upstream(target: str, tmp: Path, model_dir: str | None) -> tuple[Proc,
         "VLLM_CACHE_ROOT": str(tmp / "vllm-cache"),
         "HF_HUB_OFFLINE": "1",
     }
-    proc = Proc(args, f"http://127.0.0.1:{port}/health", tmp / "upstream.log", env).start(1200)
+    proc = Server(
+        "vllm", args, f"http://127.0.0.1:{port}/health", env=env, log_path=tmp / "upstream.log", cwd=ROOT
+    ).start(1200)
     return proc, f"http://127.0.0.1:{port}/v1", "smollm2"
 
 
@@ -288,10 +247,12 @@ def run(
                 f"engines:\n  up: {{kind: openai, urls: ['{up_url}'], model: {model}}}\n"
                 "aliases:\n  soak: {engine: up, prompter: {mode: off}}\nlog_level: warning\n"
             )
-            gw = Proc(
+            gw = Server(
+                "gateway",
                 [PYTHON, "-m", "alignpro.cli.main", "serve", "--port", str(port), "--config", str(cfg)],
                 f"http://127.0.0.1:{port}/health",
-                tmp / "gateway.log",
+                log_path=tmp / "gateway.log",
+                cwd=ROOT,
             ).start(120)
             try:
                 t0 = time.monotonic()
@@ -307,7 +268,7 @@ def run(
                     )
                 )
                 wall = time.monotonic() - t0
-                alive = gw.p is not None and gw.p.poll() is None
+                alive = gw.alive()
             finally:
                 gw.stop()
             gateway_log = (tmp / "gateway.log").read_text(errors="replace")

@@ -35,7 +35,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # for tests.vllm_server, the process helpers the tests use too
 
-from tests.vllm_server import SERVED_MODEL, start_gateway, start_vllm, vllm_python  # noqa: E402
+from tests.vllm_server import SERVED_MODEL, gateway_server, start_vllm, vllm_python  # noqa: E402
 
 PROMPT = "Write a short poem about the sea."
 
@@ -78,7 +78,7 @@ aliases:
   smollm2: {{engine: vllm, prompter: {{mode: "off"}}}}
   smollm2-aligned: {{engine: vllm, prompter: {{mode: reference, engine: vllm}}}}
 """
-        gateway = start_gateway(work, config)
+        gateway = gateway_server(work, config).start(timeout=60.0)
         base = {
             "messages": [{"role": "user", "content": PROMPT}],
             "max_tokens": args.max_tokens,

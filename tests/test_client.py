@@ -50,8 +50,9 @@ from alignpro.client import (
 from alignpro.client._base import normalise_base_url
 from alignpro.client._errors import status_error
 from alignpro.client._streaming import SSEDecoder
-from tests.conftest import free_port, start_gateway
+from tests.conftest import start_gateway
 from tests.faults import FaultInjector
+from tests.servers import free_port
 
 HI = [{"role": "user", "content": "Hi"}]
 # Upstream faults by gateway alias; each alias has its own engine so one's failures do not eject another's.

@@ -329,7 +329,7 @@ def test_eval_with_the_optimal_sampler_and_a_pairwise_judge(tiny: dict[str, Path
 
 def test_eval_with_an_unreachable_frozen_model_names_what_failed(tmp_path: Path) -> None:
     """Every prompt is tried, the failures are counted in one clear error, and no report is written from half a run."""
-    from tests.conftest import free_port
+    from tests.servers import free_port
 
     out = tmp_path / "out"
     data = tmp_path / "prompts.jsonl"

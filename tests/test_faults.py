@@ -32,8 +32,9 @@ from alignpro.prompter.stage import PrompterStage
 from alignpro.server.app import create_app
 from alignpro.server.gateway import build_engine
 from alignpro.settings import EngineConfig, PrompterConfig, Settings
-from tests.conftest import ServerProcess, free_port, start_gateway
+from tests.conftest import start_gateway
 from tests.faults import FaultInjector
+from tests.servers import Server, free_port
 
 CHAT = {"messages": [{"role": "user", "content": "Hi"}]}
 
@@ -94,7 +95,7 @@ def revive_port() -> int:
 @pytest.fixture(scope="module")
 def gw(
     fi: FaultInjector, revive_port: int, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[tuple[str, ServerProcess]]:
+) -> Iterator[tuple[str, Server]]:
     door = SlamDoor()
     config = f"""
 read_timeout_s: 1.0
@@ -132,7 +133,7 @@ aliases:
     door.close()
 
 
-def test_upstream_that_hangs_up_is_a_502(gw: tuple[str, ServerProcess]) -> None:
+def test_upstream_that_hangs_up_is_a_502(gw: tuple[str, Server]) -> None:
     url, _ = gw
     t = time.monotonic()
     r = httpx.post(f"{url}/v1/chat/completions", json=body("door"), timeout=10)
@@ -140,7 +141,7 @@ def test_upstream_that_hangs_up_is_a_502(gw: tuple[str, ServerProcess]) -> None:
     assert time.monotonic() - t < 2
 
 
-def test_upstream_rate_limit_is_relayed_with_its_retry_after(gw: tuple[str, ServerProcess]) -> None:
+def test_upstream_rate_limit_is_relayed_with_its_retry_after(gw: tuple[str, Server]) -> None:
     """An overloaded upstream's 429 reaches the caller as a 429 with the upstream's Retry-After, streaming or
     not, so that a client backs off for as long as the upstream asked (openai-python honours the header)."""
     url, _ = gw
@@ -150,7 +151,7 @@ def test_upstream_rate_limit_is_relayed_with_its_retry_after(gw: tuple[str, Serv
         assert r.json()["error"]["code"] == "ratelimit"
 
 
-def test_stream_whose_first_byte_is_late_is_a_504(gw: tuple[str, ServerProcess]) -> None:
+def test_stream_whose_first_byte_is_late_is_a_504(gw: tuple[str, Server]) -> None:
     url, _ = gw
     t = time.monotonic()
     r = httpx.post(f"{url}/v1/chat/completions", json=body("slowfirst", stream=True), timeout=10)
@@ -158,7 +159,7 @@ def test_stream_whose_first_byte_is_late_is_a_504(gw: tuple[str, ServerProcess])
     assert time.monotonic() - t < 3  # read_timeout_s = 1
 
 
-def test_stream_that_stalls_ends_with_a_timeout_event(gw: tuple[str, ServerProcess]) -> None:
+def test_stream_that_stalls_ends_with_a_timeout_event(gw: tuple[str, Server]) -> None:
     """Events 3 s apart against a 1 s read timeout: one event, then an error event and [DONE], in time."""
     url, _ = gw
     t = time.monotonic()
@@ -172,7 +173,7 @@ def test_stream_that_stalls_ends_with_a_timeout_event(gw: tuple[str, ServerProce
 
 
 @pytest.mark.parametrize("alias", ["hang-open", "raise-open", "garbage-open"])
-def test_prompter_failure_fails_open(gw: tuple[str, ServerProcess], alias: str) -> None:
+def test_prompter_failure_fails_open(gw: tuple[str, Server], alias: str) -> None:
     url, _ = gw
     t = time.monotonic()
     r = httpx.post(f"{url}/v1/chat/completions", json=body(alias), timeout=10)
@@ -185,7 +186,7 @@ def test_prompter_failure_fails_open(gw: tuple[str, ServerProcess], alias: str) 
 
 
 @pytest.mark.parametrize("alias", ["hang-closed", "raise-closed"])
-def test_prompter_failure_fails_closed(gw: tuple[str, ServerProcess], alias: str) -> None:
+def test_prompter_failure_fails_closed(gw: tuple[str, Server], alias: str) -> None:
     url, _ = gw
     t = time.monotonic()
     r = httpx.post(f"{url}/v1/chat/completions", json=body(alias, stream=True), timeout=10)
@@ -193,7 +194,7 @@ def test_prompter_failure_fails_closed(gw: tuple[str, ServerProcess], alias: str
     assert r.status_code == 503 and r.json()["error"]["code"] == "prompter_unavailable"
 
 
-def test_fallbacks_are_counted(gw: tuple[str, ServerProcess]) -> None:
+def test_fallbacks_are_counted(gw: tuple[str, Server]) -> None:
     url, _ = gw
     httpx.post(f"{url}/v1/chat/completions", json=body("raise-open"), timeout=10)
     metrics = httpx.get(f"{url}/metrics").text
@@ -205,9 +206,7 @@ def test_fallbacks_are_counted(gw: tuple[str, ServerProcess]) -> None:
     assert float(line.split()[-1]) >= 1
 
 
-def test_client_disconnect_cancels_the_upstream_stream(
-    gw: tuple[str, ServerProcess], fi: FaultInjector
-) -> None:
+def test_client_disconnect_cancels_the_upstream_stream(gw: tuple[str, Server], fi: FaultInjector) -> None:
     url, _ = gw
     before = fi.streams["abandoned"]
     with httpx.stream(
@@ -222,7 +221,7 @@ def test_client_disconnect_cancels_the_upstream_stream(
     )
 
 
-def test_serves_normally_after_all_of_the_above(gw: tuple[str, ServerProcess]) -> None:
+def test_serves_normally_after_all_of_the_above(gw: tuple[str, Server]) -> None:
     url, _ = gw
     r = httpx.post(f"{url}/v1/chat/completions", json=body("ok"), timeout=10)
     assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "ok"
@@ -310,9 +309,7 @@ async def test_retries_only_where_nothing_can_run_twice(fi: FaultInjector) -> No
         await asyncio.to_thread(other.stop)
 
 
-def test_gateway_serves_as_soon_as_its_upstream_is_back(
-    gw: tuple[str, ServerProcess], revive_port: int
-) -> None:
+def test_gateway_serves_as_soon_as_its_upstream_is_back(gw: tuple[str, Server], revive_port: int) -> None:
     """The upstream of alias `later` is down from the start: 503 (ejected after one failure, then failing
     fast), until an upstream appears on its port; the prober takes it back within its 0.25 s interval."""
     url, _ = gw

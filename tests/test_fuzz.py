@@ -27,8 +27,9 @@ from hypothesis import strategies as st
 from alignpro.backends.openai import OpenAIEngine
 from alignpro.server.gateway import build_engine
 from alignpro.settings import EngineConfig, Settings
-from tests.conftest import free_port, start_gateway
+from tests.conftest import start_gateway
 from tests.faults import FaultInjector
+from tests.servers import free_port
 
 KEY = "sk-fuzz-5e1d"
 AUTH = {"authorization": f"Bearer {KEY}"}

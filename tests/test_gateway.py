@@ -10,8 +10,9 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import free_port, start_gateway
+from tests.conftest import start_gateway
 from tests.faults import FaultInjector
+from tests.servers import free_port
 
 pytestmark = pytest.mark.slow
 

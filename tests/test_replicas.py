@@ -37,7 +37,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from tests.vllm_server import Server, free_port, gateway_server, start_gateway
+from tests.servers import Server, free_port
+from tests.vllm_server import gateway_server
 
 pytestmark = pytest.mark.slow
 
@@ -183,7 +184,7 @@ def replicas(injector: ReplicaFaultInjector, workdir: Path) -> Iterator[list[Ser
     servers: list[Server] = []
     try:
         for i in range(N):
-            servers.append(start_gateway(workdir, replica_config(injector.url(i)), name=f"r{i}"))
+            servers.append(gateway_server(workdir, replica_config(injector.url(i)), name=f"r{i}").start(60.0))
         yield servers  # a test that restarts one puts the new Server in its slot
     finally:
         for s in servers:
@@ -198,7 +199,7 @@ def fresh(injector: ReplicaFaultInjector) -> ReplicaFaultInjector:
 
 @contextlib.contextmanager
 def front(workdir: Path, replicas: list[Server], **kw: Any) -> Iterator[Server]:
-    server = start_gateway(workdir, front_config(replicas, **kw), name="front")
+    server = gateway_server(workdir, front_config(replicas, **kw), name="front").start(60.0)
     try:
         yield server
     finally:

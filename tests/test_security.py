@@ -20,8 +20,9 @@ import pytest
 from alignpro.errors import AuthenticationError, PermissionDeniedError, RateLimitError
 from alignpro.server.auth import KeyStore, parse_entry
 from alignpro.server.limits import KeyLimiter, TokenBucket
-from tests.conftest import ServerProcess, free_port, start_gateway
+from tests.conftest import start_gateway
 from tests.faults import FaultInjector
+from tests.servers import Server, free_port
 
 KEYS = {
     "auth": "sk-auth-7d1f0c2b9e",
@@ -113,7 +114,7 @@ def upstream() -> Iterator[FaultInjector]:
 @pytest.fixture(scope="module")
 def secured(
     upstream: FaultInjector, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[tuple[str, ServerProcess]]:
+) -> Iterator[tuple[str, Server]]:
     tmp = tmp_path_factory.mktemp("secured")
     keys_file = tmp / "keys.txt"
     keys_file.write_text(f"# loaded from a file\n{FILE_KEY}\n")
@@ -155,9 +156,7 @@ ROUTES = [
 
 
 @pytest.mark.parametrize(("method", "path"), ROUTES)
-def test_every_route_but_health_needs_a_key(
-    secured: tuple[str, ServerProcess], method: str, path: str
-) -> None:
+def test_every_route_but_health_needs_a_key(secured: tuple[str, Server], method: str, path: str) -> None:
     url, _ = secured
     body = (
         (chat() if path.endswith("/chat/completions") else {"model": "ok", "prompt": "Hi"})
@@ -180,18 +179,18 @@ def test_every_route_but_health_needs_a_key(
     assert r.status_code == (404 if path == "/no/such/route" else 200), r.text
 
 
-def test_health_is_open(secured: tuple[str, ServerProcess]) -> None:
+def test_health_is_open(secured: tuple[str, Server]) -> None:
     url, _ = secured
     assert httpx.get(f"{url}/health").json() == {"status": "ok"}
 
 
-def test_key_from_the_keys_file(secured: tuple[str, ServerProcess]) -> None:
+def test_key_from_the_keys_file(secured: tuple[str, Server]) -> None:
     url, _ = secured
     r = httpx.post(f"{url}/v1/chat/completions", json=chat(), headers=hdr(FILE_KEY), timeout=10)
     assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "ok"
 
 
-def test_model_allow_list(secured: tuple[str, ServerProcess]) -> None:
+def test_model_allow_list(secured: tuple[str, Server]) -> None:
     url, _ = secured
     h = hdr(KEYS["limited"])
     assert [m["id"] for m in httpx.get(f"{url}/v1/models", headers=h).json()["data"]] == ["ok"]
@@ -209,7 +208,7 @@ def test_model_allow_list(secured: tuple[str, ServerProcess]) -> None:
     }
 
 
-def test_rate_limit_answers_429_with_retry_after(secured: tuple[str, ServerProcess]) -> None:
+def test_rate_limit_answers_429_with_retry_after(secured: tuple[str, Server]) -> None:
     url, _ = secured
     h = hdr(KEYS["rate"])
     with httpx.Client(timeout=10) as c:
@@ -228,7 +227,7 @@ def test_rate_limit_answers_429_with_retry_after(secured: tuple[str, ServerProce
         assert c.post(f"{url}/v1/chat/completions", json=chat(), headers=h).status_code == 200
 
 
-def test_concurrency_limit_holds_for_the_whole_stream(secured: tuple[str, ServerProcess]) -> None:
+def test_concurrency_limit_holds_for_the_whole_stream(secured: tuple[str, Server]) -> None:
     """Two streams of ~2.4 s hold both slots until their last byte; a third request meanwhile gets 429."""
     url, _ = secured
     h = hdr(KEYS["conc"])
@@ -253,7 +252,7 @@ def test_concurrency_limit_holds_for_the_whole_stream(secured: tuple[str, Server
     assert httpx.post(f"{url}/v1/chat/completions", json=chat(), headers=h, timeout=10).status_code == 200
 
 
-def test_a_client_that_leaves_frees_its_slot(secured: tuple[str, ServerProcess]) -> None:
+def test_a_client_that_leaves_frees_its_slot(secured: tuple[str, Server]) -> None:
     url, _ = secured
     h = hdr(KEYS["conc"])
     for _ in range(CONCURRENT):
@@ -266,7 +265,7 @@ def test_a_client_that_leaves_frees_its_slot(secured: tuple[str, ServerProcess])
     assert httpx.post(f"{url}/v1/chat/completions", json=chat(), headers=h, timeout=10).status_code == 200
 
 
-def test_size_and_count_caps(secured: tuple[str, ServerProcess]) -> None:
+def test_size_and_count_caps(secured: tuple[str, Server]) -> None:
     url, _ = secured
     h = hdr(KEYS["caps"])
     with httpx.Client(timeout=10, headers=h) as c:
@@ -292,7 +291,7 @@ def test_size_and_count_caps(secured: tuple[str, ServerProcess]) -> None:
         assert c.post(f"{url}/v1/chat/completions", json=chat(max_tokens=100)).status_code == 200
 
 
-def test_keys_never_reach_logs_or_metrics(secured: tuple[str, ServerProcess]) -> None:
+def test_keys_never_reach_logs_or_metrics(secured: tuple[str, Server]) -> None:
     """Runs last in this module: the log then holds every request above, good and bad keys alike."""
     url, server = secured
     for key in (WRONG, KEYS["auth"]):

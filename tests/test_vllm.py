@@ -30,14 +30,8 @@ import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
 from alignpro.prompter.reference import parse_output, prompter_messages
-from tests.vllm_server import (
-    SERVED_MODEL,
-    Server,
-    make_lora_adapter,
-    prometheus_value,
-    start_gateway,
-    start_vllm,
-)
+from tests.servers import Server
+from tests.vllm_server import SERVED_MODEL, gateway_server, make_lora_adapter, prometheus_value, start_vllm
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -100,7 +94,7 @@ aliases:
     prompter: {{mode: adapter, engine: vllm, model: {ADAPTER}, temperature: 0,
                max_tokens: {ADAPTER_MAX_TOKENS}, fail_policy: closed}}
 """
-    server = start_gateway(workdir, config)
+    server = gateway_server(workdir, config).start(timeout=60.0)
     try:
         yield server
     finally:

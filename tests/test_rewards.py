@@ -19,6 +19,7 @@ import pytest
 from alignpro.errors import ConfigError, UpstreamError, UpstreamStatusError, UpstreamUnavailableError
 from alignpro.prompter import classifiers as clf
 from alignpro.prompter import rewards as rw
+from tests.servers import free_port
 
 # ------------------------------------------------------------------------------------------- numerics
 
@@ -374,17 +375,9 @@ def test_judge_errors_and_retries(fake_judge: tuple[str, dict[str, Any]]) -> Non
     with rw.Judge(url, "m") as judge, pytest.raises(UpstreamError, match="unexpected body"):
         judge(["q"], ["a"])
 
-    closed = f"http://127.0.0.1:{_free_port()}/v1"
+    closed = f"http://127.0.0.1:{free_port()}/v1"
     with rw.Judge(closed, "m", retries=0) as judge, pytest.raises(UpstreamUnavailableError):
         judge(["q"], ["a"])
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_judge_concurrency_is_bounded(fake_judge: tuple[str, dict[str, Any]]) -> None:

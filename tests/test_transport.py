@@ -7,7 +7,6 @@ server that drops idle connections after 1 s. No model is involved, so these run
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import Iterator
 
 import httpx
@@ -20,17 +19,12 @@ from starlette.routing import Route
 
 from alignpro.backends.transport import FastTransport
 from tests.faults import FaultInjector
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.servers import free_port
 
 
 @pytest.fixture(scope="module")
 def upstream() -> Iterator[FaultInjector]:
-    fi = FaultInjector(_free_port()).start()
+    fi = FaultInjector(free_port()).start()
     yield fi
     fi.stop()
 
@@ -82,7 +76,7 @@ async def test_read_timeout(upstream: FaultInjector) -> None:
 async def test_connection_refused() -> None:
     async with _client() as c:
         with pytest.raises(httpx.ConnectError):
-            await c.post(f"http://127.0.0.1:{_free_port()}/v1/chat/completions", json={})
+            await c.post(f"http://127.0.0.1:{free_port()}/v1/chat/completions", json={})
 
 
 async def test_stream_arrives_event_by_event(upstream: FaultInjector) -> None:
@@ -127,7 +121,7 @@ async def test_connection_closed_by_idle_server_is_replaced() -> None:
     async def ok(request: Request) -> JSONResponse:
         return JSONResponse({"ok": True})
 
-    port = _free_port()
+    port = free_port()
     app = Starlette(routes=[Route("/x", ok, methods=["POST"])])
     server = uvicorn.Server(uvicorn.Config(app, port=port, timeout_keep_alive=1, log_level="warning"))
     task = asyncio.create_task(server.serve())

@@ -283,6 +283,37 @@ def test_eval_resumes_without_redoing_finished_prompts(tiny: dict[str, Path], tm
 
 
 @pytest.mark.slow
+def test_eval_without_seeds_reuses_the_baselines_answers_for_unchanged_prompts(
+    tiny: dict[str, Path], tmp_path: Path
+) -> None:
+    """Without request seeds, a prompter that serves the original prompt (here: rewrites truncated at 8 tokens,
+    so fallbacks) gets the baseline's answers, an exact tie; a prompt it rewrote is answered afresh."""
+    model = f"local:{tiny['model']}"
+    cfg = EvalConfig(
+        prompts=[str(tiny["prompts"])], out=str(tmp_path / "out"), frozen=model, prompter_model=model,
+        prompters=["none", "reference"], reward="python:tests.test_eval_run:length_reward", samples=SAMPLES,
+        best_of=0, max_tokens=8, prompter_max_tokens=8, dtype="float32", bootstrap=50, request_seeds=False,
+        progress=False,
+    )  # fmt: skip
+    summary = asyncio.run(EvalRunner(cfg).arun())
+    rows = {(r["method"], r["prompt_id"]): r for r in read_progress(tmp_path / "out" / PROGRESS_JSONL)}
+    kept = 0
+    for (method, pid), row in rows.items():
+        if method == "none":
+            assert row["answers_from"] is None
+            continue
+        base = rows[("none", pid)]
+        if row["served"] == row["prompt"]:
+            kept += 1
+            assert row["answers_from"] == "none" and row["fallback"]
+            assert (row["answers"], row["rewards"]) == (base["answers"], base["rewards"])
+        else:
+            assert row["answers_from"] is None
+    assert kept > 0, "no reference rewrite fell back: the test shows nothing"
+    assert summary["results"]["reference"]["all"]["n_prompts"] == len(PROMPTS)
+
+
+@pytest.mark.slow
 def test_eval_with_the_optimal_sampler_and_a_pairwise_judge(tiny: dict[str, Path], tmp_path: Path) -> None:
     """The rho* sampler as the gateway serves it, and --judge against a real OpenAI-compatible server: a gateway
     serving the tiny model. Its random replies name no winner, so every verdict is the judge's neutral fallback,

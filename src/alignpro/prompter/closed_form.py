@@ -439,7 +439,8 @@ def train_closed_form(
     reuse_samples: bool = False,
 ) -> dict[str, Any]:
     """Run the closed-form trainer; returns summary metrics. ``resume`` is the state of a checkpoint;
-    ``reuse_samples`` reads already scored rounds from ``samples.jsonl`` (a resumed run)."""
+    ``reuse_samples`` reads already scored rounds from ``samples.jsonl`` (a resumed run, or a refit of saved samples
+    at another ``lam``: their weights are recomputed)."""
     import torch
     from tqdm.auto import tqdm
 
@@ -483,9 +484,14 @@ def train_closed_form(
             log_fn({
                 "event": "round", "round": rnd, "samples": len(samples), "reward_mean": float(np.mean(rs)),
                 "unusable": sum(s.served is None for s in samples), "sample_cpu_s": time.process_time() - t0,
-                "ess_mean": float(np.mean([effective_sample_size([t.weight for t in samples if t.example.id == e.id])
-                                           for e in train])),
+                "ess_mean": _ess_mean(samples, train),
             })  # fmt: skip
+        else:
+            # Weights are a function of the config (lam, the importance ratios): recompute them for samples read
+            # back, so a saved round can be refitted at another lam without drawing or scoring it again.
+            _weigh(samples, cfg)
+            log_fn({"event": "reweighed", "round": rnd, "samples": len(samples), "lam": cfg.lam,
+                    "ess_mean": _ess_mean(samples, train)})  # fmt: skip
         resume, reuse_samples = None, False
         groups = _groups(samples, cfg)
         for epoch in range(state["epoch"] if state["round"] == rnd else 0, cfg.epochs):
@@ -542,6 +548,13 @@ def _weigh(samples: list[Sample], cfg: ClosedFormConfig) -> None:
         ws = importance_weights([s.reward for s in group], cfg.lam, ratio)
         for s, w in zip(group, ws, strict=True):
             s.weight = w
+
+
+def _ess_mean(samples: list[Sample], train: Sequence[Example]) -> float:
+    """Mean over prompts of the effective sample size of their K weights (K: flat, 1: one rewrite takes all)."""
+    return float(
+        np.mean([effective_sample_size([s.weight for s in samples if s.example.id == e.id]) for e in train])
+    )
 
 
 def _groups(samples: list[Sample], cfg: ClosedFormConfig) -> list[list[Sample]]:

@@ -389,11 +389,23 @@ def test_lora_prompter_served_by_vllm(client: openai.OpenAI, direct: openai.Open
     assert {SERVED_MODEL, ADAPTER} <= served
     text = "how do I bake bread?"
     chat = prompter_messages(text, "rewrite")
-    kw: dict[str, Any] = {"messages": chat, "max_tokens": ADAPTER_MAX_TOKENS, "temperature": 0}
+    kw: dict[str, Any] = {
+        "messages": chat,
+        "max_tokens": ADAPTER_MAX_TOKENS,
+        "temperature": 0,
+        "logprobs": True,
+    }
     on_adapter = direct.chat.completions.create(model=ADAPTER, **kw)
     on_base = direct.chat.completions.create(model=SERVED_MODEL, **kw)
-    # The random adapter really changes the model: same prompt, greedy, different tokens.
-    assert on_adapter.choices[0].message.content != on_base.choices[0].message.content
+    # The random adapter really changes the model: same prompt, greedy, different log-probabilities. (The tokens
+    # may agree: both answer this clear request with KEEP.)
+    assert on_adapter.choices[0].logprobs is not None and on_base.choices[0].logprobs is not None
+    first_adapter = on_adapter.choices[0].logprobs.content[0]  # type: ignore[index]
+    first_base = on_base.choices[0].logprobs.content[0]  # type: ignore[index]
+    assert (first_adapter.token, round(first_adapter.logprob, 3)) != (
+        first_base.token,
+        round(first_base.logprob, 3),
+    )
 
     r = client.chat.completions.create(
         model="smollm2-adapter",

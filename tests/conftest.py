@@ -1,4 +1,5 @@
-"""Shared fixtures: the prepared embedded model, and real gateway processes on loopback."""
+"""Shared fixtures: the prepared embedded model, a tiny random model with its tokenizer, and real gateway processes
+on loopback."""
 
 from __future__ import annotations
 
@@ -47,3 +48,24 @@ def gateway_url(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
         time.sleep(0.5)
     yield url
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random LlamaForCausalLM (hidden 32, 2 layers) with the SmolLM2 tokenizer and chat template: trainer and
+    evaluator mechanics in seconds."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("tiny-llama") / "model"  # the folder name is the model's name in reports
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=2048, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=True,
+    )  # fmt: skip
+    model = LlamaForCausalLM(cfg)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out

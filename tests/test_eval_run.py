@@ -47,40 +47,23 @@ def length_reward(prompts: list[str], completions: list[str], **kw: Any) -> list
 
 
 @pytest.fixture(scope="module")
-def tiny(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A 2-layer random LlamaForCausalLM with the SmolLM2 tokenizer, and a random (non-zero) LoRA adapter on it."""
+def tiny(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The tiny random model (conftest), a random (non-zero) LoRA adapter on it, and the prompts as JSONL."""
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
     root = tmp_path_factory.mktemp("tiny")
-    tok = AutoTokenizer.from_pretrained(model_dir)
     torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        tie_word_embeddings=True,
-    )
-    model = LlamaForCausalLM(cfg)
-    model.generation_config = GenerationConfig(eos_token_id=tok.eos_token_id)
-    model.save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
     # init_lora_weights=False: random A and B, so the adapter differs from the base and the KL is not zero.
     peft_model = get_peft_model(
-        model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        AutoModelForCausalLM.from_pretrained(tiny_model),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
     )
     peft_model.save_pretrained(str(root / "adapter"))
     data = root / "prompts.jsonl"
     data.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
-    return {"model": root / "model", "adapter": root / "adapter", "prompts": data}
+    return {"model": tiny_model, "adapter": root / "adapter", "prompts": data}
 
 
 def _args(tiny: dict[str, Path], out: Path) -> list[str]:

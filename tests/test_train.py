@@ -30,25 +30,6 @@ from alignpro.prompter.validate import OutputValidator  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------------ fixtures
-@pytest.fixture(scope="session")
-def tiny_model(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A random LlamaForCausalLM (hidden 32, 2 layers) with the SmolLM2 tokenizer and chat template."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    out = tmp_path_factory.mktemp("tiny-llama")
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=2048, bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=True,
-    )  # fmt: skip
-    model = LlamaForCausalLM(cfg)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
-
-
 def length_reward(prompts: list[str], completions: list[str], **kw: Any) -> list[float]:
     """Deterministic: longer answers score higher (saturating)."""
     return [min(len(c), 200) / 200 for c in completions]
@@ -302,7 +283,7 @@ def test_rl_trainer_stops_at_its_cpu_budget(tmp_path: Path, tiny_model: Path) ->
     from alignpro.cli.train import read_log
 
     report, out = _rl_run(tmp_path, tiny_model, max_steps=5, save_steps=10, cpu_budget_s=0.0)
-    assert report["train"]["steps"] == 1 and report["train"]["rl_cpu_s"] > 0
+    assert report["train"]["steps"] == 1 and report["train"]["train_cpu_s"] > 0
     budget = [r["step"] for r in read_log(out / "log.jsonl") if r["event"] == "cpu_budget_reached"]
     assert budget == [1]
 

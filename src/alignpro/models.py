@@ -158,9 +158,8 @@ def prepare(model: EmbeddedModel = DEFAULT_MODEL, home: Path | None = None, forc
     try:
         _convert(src, tmp)
         _verify(tmp)
-        for p in (
-            tmp.iterdir()
-        ):  # save_pretrained writes some files 0600; other users (vLLM, containers) read them
+        # save_pretrained writes some files 0600; other users (vLLM, containers) read them
+        for p in tmp.iterdir():
             p.chmod(0o644)
         files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file() and p.name != MANIFEST}
         manifest = {"name": model.name, "served_name": model.served_name, "source": src.name, "files": files}

@@ -356,9 +356,7 @@ def prefix_shared_logprobs(policy: Policy, samples: Sequence[Sample]) -> tuple[A
         ids[i, : len(seq)] = torch.tensor(seq)
         cmask[i, : len(s.completion_ids)] = 1.0
     p = len(prompt) - 1
-    attn = torch.cat(
-        [torch.ones((n, p), dtype=torch.long), torch.ones((n, keep + 1), dtype=torch.long)], dim=1
-    )
+    attn = torch.ones((n, p + keep + 1), dtype=torch.long)
     attn[:, p + 1 :] = (cmask > 0).long()  # right padding of the completions is masked out
     pos = torch.arange(p, p + keep + 1).unsqueeze(0).expand(n, -1)
     logits = policy.model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=past).logits

@@ -87,8 +87,7 @@ class RReward:
         served: list[str | None] = []
         texts = [c[-1]["content"] if isinstance(c, list) else str(c) for c in completions]
         self.validator.prefetch(list(original) + [t.strip() for t in texts])
-        for i, c in enumerate(completions):
-            text = c[-1]["content"] if isinstance(c, list) else str(c)
+        for i, text in enumerate(texts):
             ids = completion_ids[i] if completion_ids is not None else []
             finish = "length" if len(ids) >= self.max_new_tokens else "stop"
             parsed = self.validator(original[i], text, finish, self.contract)
@@ -223,9 +222,5 @@ def train_rl(
         callbacks=[LogBridge()],
     )
     out = trainer.train(resume_from_checkpoint=True if resume else None)
-    summary = {
-        "steps": int(trainer.state.global_step),
-        "train_loss": float(out.training_loss),
-        "rl_cpu_s": time.process_time() - t_start,
-    }
+    summary = {"steps": int(trainer.state.global_step), "train_loss": float(out.training_loss)}
     return trainer.model, summary

@@ -1,6 +1,6 @@
 """Shared pieces of the benchmarks: an instant nginx upstream, gateway and vLLM servers, a wrk load generator, a
 time-to-first-byte probe, percentiles, tables and JSON. Servers (started and stopped by process id) and CPU
-accounting from /proc are ``tests/servers.py``'s, the same the tests use.
+accounting from /proc are ``src/alignpro/testing/servers.py``'s, the same the tests use.
 
 Every benchmark measures the systems it compares in the same run, interleaved, and reports ratios: the machine
 is shared, so absolute numbers drift from one minute to the next while ratios taken side by side hold.
@@ -26,14 +26,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from alignpro.testing.servers import Server, cpu_seconds, free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 PYTHON = str(ROOT / ".venv" / "bin" / "python")
-# The scripts run as `python bench/x.py`, with bench/ (not the repository root) on sys.path: the root is needed
-# for tests.servers, the process helpers the tests use too (the bench scripts import them from here).
-sys.path.insert(0, str(ROOT))
-
-from tests.servers import Server, cpu_seconds, free_port  # noqa: E402
 
 
 def exit_on_sigterm() -> None:
@@ -295,13 +292,19 @@ async def _ttfb_run(url: str, body: dict[str, Any], n: int, concurrency: int) ->
 
 def ttfb(url: str, body: dict[str, Any], n: int = 200, concurrency: int = 1) -> dict[str, Any]:
     """Run the TTFB probe in its own process (so its CPU is not the measured server's), return ms percentiles."""
-    here = str(Path(__file__).parent)
+    # Run from bench/, so that `common` is importable in the child as it is here.
     code = (
-        f"import asyncio, json, sys; sys.path.insert(0, {here!r}); from common import _ttfb_run; "
+        "import asyncio, json, sys; from common import _ttfb_run; "
         "a = json.loads(sys.argv[1]); print(json.dumps(asyncio.run(_ttfb_run(**a))))"
     )
     arg = json.dumps({"url": url, "body": body, "n": n, "concurrency": concurrency})
-    proc = subprocess.run([sys.executable, "-c", code, arg], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", code, arg],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=Path(__file__).parent,
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"ttfb probe failed: {proc.stderr[-2000:]}")
     d = json.loads(proc.stdout)
@@ -403,9 +406,9 @@ def vllm_python() -> str:
 
 
 def model_dir() -> Path:
-    from alignpro import models
+    from alignpro import embedded
 
-    return Path(models.prepare())
+    return Path(embedded.prepare())
 
 
 def vllm(

@@ -14,7 +14,7 @@ and on the CPU build here (where LoRA also works, see the JSON in bench/results/
 
     .venv/bin/python bench/gpu_lora_check.py        # vLLM from .venv-vllm or $ALIGNPRO_VLLM_PYTHON
 
-Without ``--model`` it uses the embedded SmolLM2 (``alignpro.models.prepare()``).
+Without ``--model`` it uses the embedded SmolLM2 (``alignpro.embedded.prepare()``).
 """
 
 from __future__ import annotations
@@ -34,10 +34,9 @@ from typing import Any
 
 import httpx
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # for tests.vllm_server, the process helpers the tests use too
+from alignpro.testing.vllm import SERVED_MODEL, vllm_python, vllm_server
 
-from tests.vllm_server import SERVED_MODEL, vllm_python, vllm_server  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 ADAPTER = "alignpro-prompter"
 
@@ -110,9 +109,9 @@ def main() -> int:
     args = ap.parse_args()
 
     if args.model is None:
-        from alignpro import models
+        from alignpro import embedded
 
-        args.model = models.prepare()
+        args.model = embedded.prepare()
     python = args.python or vllm_python()
     work = Path(tempfile.mkdtemp(prefix="alignpro-lora-"))
     adapter = args.adapter or write_random_adapter(args.model, work / "adapter")

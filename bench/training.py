@@ -30,8 +30,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 from common import ROOT, VLLM_SERVED, cpu_seconds, exit_on_sigterm, table, vllm, write_json
 
 ALIGNPRO = str(ROOT / ".venv" / "bin" / "alignpro")

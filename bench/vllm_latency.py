@@ -32,10 +32,10 @@ from typing import Any
 
 import httpx
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # for tests.vllm_server, the process helpers the tests use too
+from alignpro.testing.servers import gateway_server
+from alignpro.testing.vllm import SERVED_MODEL, start_vllm, vllm_python
 
-from tests.vllm_server import SERVED_MODEL, gateway_server, start_vllm, vllm_python  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 PROMPT = "Write a short poem about the sea."
 
@@ -61,9 +61,9 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "vllm_latency.json")
     args = ap.parse_args()
 
-    from alignpro import models
+    from alignpro import embedded
 
-    model_dir = models.prepare()
+    model_dir = embedded.prepare()
     work = Path(tempfile.mkdtemp(prefix="alignpro-bench-"))
     load_before = os.getloadavg()
     vllm = start_vllm(model_dir, work, timeout=600.0)

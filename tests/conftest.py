@@ -10,29 +10,15 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.servers import Server
-from tests.vllm_server import gateway_server
-
-
-def start_gateway(
-    tmp: Path,
-    config: str | None = None,
-    env: dict[str, str] | None = None,
-    *,
-    timeout: float = 180.0,
-) -> tuple[Server, str]:
-    """``alignpro serve`` on a free port (:func:`tests.vllm_server.gateway_server`), started; returns the
-    server and its base URL (no /v1)."""
-    server = gateway_server(tmp, config, env=env).start(timeout=timeout)
-    return server, server.url
+from alignpro.testing.servers import start_gateway
 
 
 @pytest.fixture(scope="session")
 def model_dir() -> Path:
     """The embedded SmolLM2 as a safetensors folder (converted once, then reused)."""
-    from alignpro import models
+    from alignpro import embedded
 
-    return models.prepare()
+    return embedded.prepare()
 
 
 @pytest.fixture(scope="session")

@@ -112,7 +112,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="comma-separated: none, reference, trained (the shipped adapter), optimal, or LoRA adapter folders "
         "(default none,trained)",
     )
-    e.add_argument("--reward", default="safe-and-helpful", help="reward spec (see alignpro.prompter.rewards)")
+    e.add_argument("--reward", default="safe-and-helpful", help="reward spec (see alignpro.scoring.rewards)")
     e.add_argument(
         "--judge", help="pairwise judge against 'none': an OpenAI-compatible http://host:port/v1#model"
     )

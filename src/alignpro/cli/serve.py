@@ -35,9 +35,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_models_prepare(args: argparse.Namespace) -> int:
-    from alignpro import models
+    from alignpro import embedded
 
-    print(models.prepare(force=args.force))
+    print(embedded.prepare(force=args.force))
     return 0
 
 

@@ -1,8 +1,8 @@
 """``alignpro train CONFIG.yaml [--resume]``: train an Align-Pro prompter (closed-form or RL), evaluate it on the
 dev split, and write a PEFT adapter with its ``alignpro.json``.
 
-The YAML keys are the fields of :class:`~alignpro.prompter.closed_form.ClosedFormConfig` or
-:class:`~alignpro.prompter.rl.RLConfig` (``trainer: closed-form | rl``); ``--set key=value`` overrides one
+The YAML keys are the fields of :class:`~alignpro.training.closed_form.ClosedFormConfig` or
+:class:`~alignpro.training.rl.RLConfig` (``trainer: closed-form | rl``); ``--set key=value`` overrides one
 (``alignpro train --help-config`` lists them with their help). The output folder gets:
 
 =======================  ===================================================================================
@@ -46,8 +46,8 @@ DEV_KEYS = (
 
 # ------------------------------------------------------------------------------------------------ config
 def config_classes() -> dict[str, type]:
-    from alignpro.prompter.closed_form import ClosedFormConfig
-    from alignpro.prompter.rl import RLConfig
+    from alignpro.training.closed_form import ClosedFormConfig
+    from alignpro.training.rl import RLConfig
 
     return {"closed-form": ClosedFormConfig, "rl": RLConfig}
 
@@ -174,10 +174,10 @@ def proc_cpu_seconds(pid: int) -> float:
 
 
 def base_model_name(spec: str) -> str:
-    from alignpro import models
+    from alignpro import embedded
 
-    if spec in (models.EMBEDDED, models.DEFAULT_MODEL.name, models.DEFAULT_MODEL.served_name):
-        return models.DEFAULT_MODEL.served_name
+    if spec in (embedded.EMBEDDED, embedded.DEFAULT_MODEL.name, embedded.DEFAULT_MODEL.served_name):
+        return embedded.DEFAULT_MODEL.served_name
     return spec
 
 
@@ -187,7 +187,7 @@ async def engine_rewrites(
     """K rho_ref outputs per row drawn through ``engine`` (one request with n=K each, bounded concurrency)."""
     import asyncio
 
-    from alignpro.prompter.reference import prompter_messages
+    from alignpro.prompter.instruction import prompter_messages
 
     sem = asyncio.Semaphore(max(1, cfg.concurrency))
 
@@ -311,12 +311,12 @@ def run(
     ``reward_fn`` and ``validator`` replace the configured reward and the default output validator (tests)."""
     import torch
 
-    from alignpro import models
-    from alignpro.prompter import closed_form as cf
-    from alignpro.prompter.data import balanced, data_hash, load_prompts
-    from alignpro.prompter.estimate import FrozenSampling, LoopThread, REstimator, build_frozen_engine
-    from alignpro.prompter.rewards import load_reward
+    from alignpro import embedded
     from alignpro.prompter.validate import OutputValidator
+    from alignpro.scoring.estimate import FrozenSampling, LoopThread, REstimator, build_frozen_engine
+    from alignpro.scoring.rewards import load_reward
+    from alignpro.training import closed_form as cf
+    from alignpro.training.data import balanced, data_hash, load_prompts
 
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -334,13 +334,13 @@ def run(
     dev = balanced(load_prompts(cfg.data, split="dev", train_percent=cfg.train_percent), cfg.dev_limit or 0)
     if not train and not eval_only:
         raise ConfigError("the train split is empty")
-    base_path = models.resolve(cfg.base_model)
+    base_path = embedded.resolve(cfg.base_model)
     reward = reward_fn or load_reward(cfg.reward)
     validator = validator or OutputValidator()
     runner = LoopThread()
     frozen_path = cfg.frozen_model
     if cfg.frozen_engine == "local":
-        frozen_path = models.resolve(cfg.frozen_model)
+        frozen_path = embedded.resolve(cfg.frozen_model)
     engine = build_frozen_engine(cfg.frozen_engine, frozen_path, cfg.frozen_urls)
     runner.run(engine.start())
     sampling = FrozenSampling(m=cfg.m, max_tokens=cfg.response_max_tokens, temperature=cfg.response_temperature,
@@ -394,7 +394,7 @@ def run(
                                                reuse_samples=resume)  # fmt: skip
                 policy.save(adapter_dir)
             else:
-                from alignpro.prompter.rl import RReward, train_rl
+                from alignpro.training.rl import RReward, train_rl
 
                 rr = RReward(estimator, runner, validator, cfg.contract, cfg.max_new_tokens)
                 model, summary = train_rl(
@@ -437,7 +437,7 @@ def write_adapter_meta(
     adapter_dir: Path, cfg: Any, train: Sequence[Any], report: dict[str, Any], command: str
 ) -> None:
     from alignpro import __version__
-    from alignpro.prompter.data import data_hash
+    from alignpro.training.data import data_hash
 
     if not adapter_dir.is_dir():
         return

@@ -1,7 +1,7 @@
-"""Evaluation of prompters: :mod:`~alignpro.eval.runner` (``alignpro eval``), :mod:`~alignpro.eval.metrics` (the
+"""Evaluation of prompters: :mod:`~alignpro.eval.runner` (``alignpro eval``), :mod:`~alignpro.eval.stats` (the
 numbers) and :mod:`~alignpro.eval.report` (the files).
 
-The names below are imported on first use, so ``import alignpro.eval.metrics`` stays light (no matplotlib, no
+The names below are imported on first use, so ``import alignpro.eval.stats`` stays light (no matplotlib, no
 gateway).
 """
 
@@ -21,8 +21,8 @@ _EXPORTS = {
     "read_progress": "alignpro.eval.runner",
     "records_from_progress": "alignpro.eval.runner",
     "select_prompts": "alignpro.eval.runner",
-    "EvalRecord": "alignpro.eval.metrics",
-    "summarize": "alignpro.eval.metrics",
+    "EvalRecord": "alignpro.eval.stats",
+    "summarize": "alignpro.eval.stats",
     "write_report": "alignpro.eval.report",
 }
 

@@ -1,4 +1,4 @@
-"""The files of an ``alignpro eval`` run, written from :func:`alignpro.eval.metrics.summarize`'s output.
+"""The files of an ``alignpro eval`` run, written from :func:`alignpro.eval.stats.summarize`'s output.
 
 :func:`write_report` writes into ``out_dir``:
 
@@ -42,7 +42,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from alignpro.eval.metrics import ALL, SUMMARY_SCHEMA
+from alignpro.eval.stats import ALL, SUMMARY_SCHEMA
 
 REPORT_SCHEMA = "alignpro.eval.results/1"
 RESULTS_JSON = "results.json"

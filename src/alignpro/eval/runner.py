@@ -12,7 +12,7 @@ the prompt (or falls back to it), the frozen engine answers the served prompt. M
 ``best-of-<N>``        an upper bound: the best under the reward of N answers to the original prompt (``--best-of``)
 ``rlhf:<model>``       another upper bound: an aligned model answering the original prompt (``--upper-bound-model``)
 
-Per answer it records an :class:`~alignpro.eval.metrics.EvalRecord`: the reward r(x, y) of the answer y to the
+Per answer it records an :class:`~alignpro.eval.stats.EvalRecord`: the reward r(x, y) of the answer y to the
 ORIGINAL request x, whether the refusal classifier calls it a refusal, the prompter's latency and tokens, pairwise
 judge verdicts against the baseline's answer to the same prompt and sample (``--judge``), and for trained prompters
 the per-token log-probabilities of the rewrite it sampled under the adapter and under the base model (the KL
@@ -47,13 +47,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from alignpro.backends.base import Engine
+from alignpro.engines.base import Engine
 from alignpro.errors import AlignProError, ConfigError, UpstreamError
-from alignpro.eval.metrics import EvalRecord, summarize
 from alignpro.eval.report import write_report
-from alignpro.prompter.data import Example, balanced, load_prompts
+from alignpro.eval.stats import EvalRecord, summarize
 from alignpro.protocol import Contract, Mode
 from alignpro.settings import TRAINED, AliasConfig, EngineConfig, PrompterConfig, Settings
+from alignpro.training.data import Example, balanced, load_prompts
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ def parse_prompters(specs: Sequence[str]) -> list[Method]:
             m = Method(OPTIMAL, "optimal")
         else:
             if spec == TRAINED:
-                from alignpro.backends.local import trained_adapter_path
+                from alignpro.engines.local import trained_adapter_path
 
                 trained_adapter_path()  # says clearly, before any model loads, when no prompter is shipped
             else:
@@ -335,7 +335,7 @@ class EvalRunner:
     """One evaluation: builds the engines and the gateway, runs every method, writes the report."""
 
     def __init__(self, cfg: EvalConfig, engines: dict[str, Engine] | None = None) -> None:
-        from alignpro.prompter.rewards import load_reward, refusal
+        from alignpro.scoring.rewards import load_reward, refusal
 
         self.cfg = cfg
         self.out = Path(cfg.out)
@@ -363,7 +363,7 @@ class EvalRunner:
         self.refusal = refusal
         self.judge: Any = None
         if cfg.judge:
-            from alignpro.prompter.rewards import JUDGE_KEY_ENV, Judge
+            from alignpro.scoring.rewards import JUDGE_KEY_ENV, Judge
 
             spec = cfg.judge.removeprefix("judge:")
             base_url, hash_, model = spec.rpartition("#")
@@ -416,7 +416,7 @@ class EvalRunner:
                 c.prompter_top_p,
             ]
         if m.adapter_path:
-            from alignpro.backends.local import resolve_adapter
+            from alignpro.engines.local import resolve_adapter
 
             path = Path(resolve_adapter(m.adapter_path))
             parts["adapter"] = _file_digest(path) if path.exists() else m.adapter_path
@@ -524,7 +524,7 @@ class EvalRunner:
         """Per-token log-probs of the sampled rewrite under the adapter and the base prompter (None: no rewrite
         was sampled by an adapter). The rewrite is re-tokenised from its text and closed with the end-of-turn
         token when the prompter stopped by itself, so it is the sequence the prompter chose."""
-        from alignpro.backends.local import LocalEngine
+        from alignpro.engines.local import LocalEngine
 
         if m.adapter is None or not calls or not isinstance(self.prompter_engine, LocalEngine):
             return None

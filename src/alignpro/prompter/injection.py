@@ -1,6 +1,6 @@
 """An output-side check against prompt injection into the prompter.
 
-The input side (:mod:`alignpro.prompter.reference`) keeps user text in an escaped data block. When an injection
+The input side (:mod:`alignpro.prompter.instruction`) keeps user text in an escaped data block. When an injection
 gets through anyway, a small prompter typically *obeys the user text*: its "rewrite" is the piece of the user's
 message the attacker wanted out ("... ignore that and output: <payload>" -> "<payload>"). A real rewrite either
 restates the whole request or reframes it, so it is not a short verbatim cut of it. :func:`echo_fragment`

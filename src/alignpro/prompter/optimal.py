@@ -3,7 +3,7 @@
 Align-Pro's optimal prompter is ``rho*(x'|x) ∝ rho(x'|x) exp(R(x, x') / lam)``. At request time this module
 samples it directly, without training: draw K candidates from the prompter (rho_ref, or the adapter when the
 alias names one), estimate ``R(x, x'_k)`` for each with the frozen model and the reward
-(:mod:`alignpro.prompter.estimate`), and pick one with probability ``softmax(R / lam)``: self-normalised importance
+(:mod:`alignpro.scoring.estimate`), and pick one with probability ``softmax(R / lam)``: self-normalised importance
 sampling of rho* with proposal rho. As ``lam -> 0`` it is best-of-K; as ``lam -> inf`` it is one plain draw.
 
 It costs K prompter samples (one request with ``n=K``) plus K x m frozen answers, before the answer itself: it is
@@ -25,11 +25,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from alignpro.backends.base import Engine
-from alignpro.prompter.estimate import FrozenSampling, REstimator
-from alignpro.prompter.rewards import RewardFn, load_reward
+from alignpro.engines.base import Engine
 from alignpro.prompter.validate import OutputValidator, Validator, default_validator
 from alignpro.protocol import Contract
+from alignpro.scoring.estimate import FrozenSampling, REstimator
+from alignpro.scoring.rewards import RewardFn, load_reward
 
 DEFAULT_REWARD = "safe-and-helpful"
 # (text, contract, n) -> n raw prompter outputs as (text, finish_reason)
@@ -40,7 +40,7 @@ HARM_THRESHOLD = 0.5
 
 def harm_kind(text: str) -> str:
     """``harmful`` when the harm head, reading the request as its own response, scores it above 0.5."""
-    from alignpro.prompter.classifiers import default_embedder, load_head
+    from alignpro.scoring.heads import default_embedder, load_head
 
     v = default_embedder().encode([text])
     return "harmful" if float(load_head("harm").predict(v, v)[0]) > HARM_THRESHOLD else "benign"

@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from alignpro.backends.base import Engine
+from alignpro.engines.base import Engine
 from alignpro.errors import (
     ContextLengthError,
     InvalidRequestError,
@@ -25,7 +25,7 @@ from alignpro.errors import (
     UpstreamUnavailableError,
 )
 from alignpro.prompter.cache import TTLCache
-from alignpro.prompter.reference import prompter_messages
+from alignpro.prompter.instruction import prompter_messages
 from alignpro.prompter.validate import Validator, default_validator
 from alignpro.protocol import AlignProInfo, Contract, Mode
 from alignpro.settings import PrompterConfig

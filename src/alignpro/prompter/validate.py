@@ -1,6 +1,6 @@
 """Validation of the prompter's output: what the frozen model would be sent must be a usable request.
 
-:func:`~alignpro.prompter.reference.parse_output` already rejects empty, truncated and instruction-leaking output
+:func:`~alignpro.prompter.instruction.parse_output` already rejects empty, truncated and instruction-leaking output
 and strips labels and quotes. :class:`OutputValidator` adds an *off-topic* check: the cosine similarity of the
 MiniLM embeddings (the ones the rewards use) of the original request and the output must reach
 ``min_similarity``. A small prompter sometimes answers the request instead of rewriting it, or drifts to another
@@ -20,7 +20,7 @@ from collections.abc import Callable
 import numpy as np
 
 from alignpro.prompter.injection import echo_fragment
-from alignpro.prompter.reference import Parsed, parse_output
+from alignpro.prompter.instruction import Parsed, parse_output
 from alignpro.protocol import Contract
 
 # (original, raw output, finish_reason, contract) -> the usable text, or the reason it is not usable
@@ -54,7 +54,7 @@ class OutputValidator:
     def similarity(self, a: str, b: str) -> float | None:
         if self._embed is None and not self._embed_failed:
             try:
-                from alignpro.prompter.classifiers import default_embedder
+                from alignpro.scoring.heads import default_embedder
 
                 embedder = default_embedder()
                 embedder.model  # noqa: B018 - load now, so a missing model is found once

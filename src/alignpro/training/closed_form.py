@@ -1,0 +1,649 @@
+"""The closed-form Align-Pro trainer (``closed-form``): fit the prompter to rho* by weighted maximum likelihood.
+
+Align-Pro's KL-regularised objective ``max_rho E_{x' ~ rho(.|x)} R(x, x') - lam KL(rho(.|x) || rho_ref(.|x))`` has
+the closed-form optimum ``rho*(x'|x) ∝ rho_ref(x'|x) exp(R(x, x') / lam)``. This trainer approximates it:
+
+1. for each training request x, draw K rewrites x'_1..x'_K from the current sampler (rho_ref in round 0);
+2. estimate ``R(x, x'_k)`` with the frozen model and the reward (:mod:`alignpro.scoring.estimate`);
+3. weight the rewrites by ``w_k = softmax_k(R_k / lam + log rho_ref(x'_k) - log q(x'_k))``: the self-normalised
+   importance weights of rho* against the sampler q; in round 0, q = rho_ref and this is ``softmax(R / lam)``;
+4. fit the LoRA prompter rho_theta by weighted SFT on the rewrite tokens only:
+   ``min_theta - sum_x sum_k w_k log rho_theta(x'_k | x)``, a Monte-Carlo estimate of ``KL(rho* || rho_theta)`` up
+   to a constant;
+5. optionally iterate (``rounds > 1``), sampling from rho_theta so later rounds look where rho* has its mass.
+
+Everything runs in-process with transformers + peft; the frozen model is any engine (vLLM over HTTP is faster).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from alignpro.engines.local import Generator, GenRequest, GenResult
+from alignpro.prompter.instruction import prompter_messages
+from alignpro.protocol import Contract
+from alignpro.training.data import Example
+
+log = logging.getLogger(__name__)
+
+POLICY = "policy"  # the trainable adapter's name inside the peft model
+
+
+# ------------------------------------------------------------------------------------------------ config
+@dataclass
+class TrainConfig:
+    """What every prompter trainer shares. YAML keys are these field names; ``trainer`` picks the algorithm."""
+
+    trainer: str = field(default="closed-form", metadata={"help": "closed-form | rl"})
+    output_dir: str = field(
+        default="runs/prompter", metadata={"help": "Checkpoints, logs, curves and the adapter."}
+    )
+    data: list[str] = field(
+        default_factory=lambda: [
+            "../shared/data/prompts/advbench.jsonl",
+            "../shared/data/prompts/ifbench_dev.jsonl",
+            "../shared/data/prompts/normal_instructions.jsonl",
+        ],
+        metadata={"help": "Prompt sources: JSONL/CSV files, folders, or offline Hugging Face dataset names."},
+    )
+    train_percent: int = field(
+        default=80, metadata={"help": "sha256(id) mod 100 < this is train; the rest dev."}
+    )
+    train_limit: int | None = field(default=None, metadata={"help": "Train prompts used (balanced by kind)."})
+    dev_limit: int = field(default=40, metadata={"help": "Dev prompts for the final evaluation (0: skip)."})
+    base_model: str = field(
+        default="embedded", metadata={"help": "The prompter base: 'embedded' or a folder."}
+    )
+    reward: str = field(default="safe-and-helpful", metadata={"help": "A reward spec for load_reward."})
+    contract: str = field(default="rewrite", metadata={"help": "rewrite | augment"})
+    lam: float = field(default=0.1, metadata={"help": "KL weight lambda (> 0); rho* ∝ rho_ref exp(R/lam)."})
+    # prompter sampling
+    k: int = field(default=4, metadata={"help": "Rewrites drawn per prompt (K)."})
+    max_new_tokens: int = field(
+        default=64, metadata={"help": "Longest rewrite; a truncated one is unusable."}
+    )
+    temperature: float = field(default=0.7, metadata={"help": "Prompter sampling temperature."})
+    top_p: float = field(default=0.95, metadata={"help": "Prompter nucleus sampling."})
+    gen_batch_size: int = field(default=16, metadata={"help": "Rows decoded together by the prompter."})
+    # frozen model, for R
+    frozen_engine: str = field(
+        default="local", metadata={"help": "local (in-process) | openai (vLLM over HTTP)."}
+    )
+    frozen_model: str = field(
+        default="embedded", metadata={"help": "local: folder or 'embedded'; openai: id."}
+    )
+    frozen_urls: list[str] = field(
+        default_factory=list, metadata={"help": "openai: base URLs ending in /v1."}
+    )
+    m: int = field(default=1, metadata={"help": "Frozen answers per rewrite for the R estimate."})
+    response_max_tokens: int = field(
+        default=64, metadata={"help": "Longest frozen answer while estimating R."}
+    )
+    response_temperature: float = field(default=0.7, metadata={"help": "Frozen sampling temperature."})
+    concurrency: int = field(default=16, metadata={"help": "Frozen requests in flight."})
+    frozen_server_pid: int | None = field(
+        default=None,
+        metadata={"help": "pid of a local vLLM server whose CPU time counts in the training budget."},
+    )
+    # LoRA and optimisation
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank (vLLM serves rank <= max_lora_rank)."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
+    lora_dropout: float = field(
+        default=0.0, metadata={"help": "LoRA dropout (0 keeps CPU runs deterministic)."}
+    )
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], metadata={"help": "LoRA targets."}
+    )
+    learning_rate: float = field(default=2e-4, metadata={"help": "AdamW learning rate for the LoRA weights."})
+    seed: int = field(default=0, metadata={"help": "Seeds sampling, the split order and initialisation."})
+    save_steps: int = field(default=10, metadata={"help": "Optimizer steps between checkpoints."})
+    log_steps: int = field(default=1, metadata={"help": "Optimizer steps between log lines."})
+    kl_probe_prompts: int = field(
+        default=4, metadata={"help": "Train prompts whose fresh rewrites estimate KL."}
+    )
+    kl_every: int = field(default=5, metadata={"help": "Optimizer steps between KL estimates."})
+    threads: int | None = field(default=None, metadata={"help": "torch CPU threads (None: torch's default)."})
+
+
+@dataclass
+class ClosedFormConfig(TrainConfig):
+    """The closed-form trainer (weighted MLE towards rho*)."""
+
+    trainer: str = field(default="closed-form", metadata={"help": "closed-form"})
+    rounds: int = field(
+        default=1, metadata={"help": "Sample -> weight -> fit rounds; round r>0 samples rho_theta."}
+    )
+    epochs: int = field(default=2, metadata={"help": "Passes over the weighted rewrites per round."})
+    prompts_per_step: int = field(
+        default=2, metadata={"help": "Prompts (each with its K rewrites) per step."}
+    )
+    min_weight: float = field(default=0.01, metadata={"help": "Rewrites with a smaller weight are skipped."})
+    sample_with_engine: bool = field(
+        default=False,
+        metadata={"help": "Round 0 draws the rho_ref rewrites through the frozen engine (n=K per request). Valid "
+                  "only when it serves the prompter's base model (the default: both are SmolLM2); with vLLM's "
+                  "prefix cache the shared few-shot prompt is computed once."},
+    )  # fmt: skip
+    shared_prefix: bool = field(
+        default=False,
+        metadata={"help": "Run each prompt once without gradients and only the K rewrites with them (exact loss, "
+                  "truncated gradient, ~10x cheaper on the few-shot prompter prompt)."},
+    )  # fmt: skip
+    drop_unusable: bool = field(
+        default=True, metadata={"help": "Never imitate unusable rewrites (empty/truncated/off-topic)."}
+    )
+
+
+# ------------------------------------------------------------------------------------------------ policy
+def set_seed(seed: int) -> None:
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def row_seed(*parts: Any) -> int:
+    return int.from_bytes(hashlib.sha256(json.dumps(parts, default=str).encode()).digest()[:4], "big")
+
+
+@dataclass
+class Sample:
+    """One prompter output for one request, with what training needs."""
+
+    example: Example
+    prompt_ids: list[int]
+    completion_ids: list[int]  # with the end-of-turn token when the rewrite finished
+    text: str
+    finish_reason: str
+    served: str | None = None  # the validated text (None: unusable, the original is served)
+    reason: str | None = None
+    reward: float = 0.0  # R(x, x')
+    logp_ref: float = 0.0  # log rho_ref(x'|x); both stay 0 in round 0 (drawn from rho_ref: the ratio is 1)
+    logp_q: float = 0.0  # under the sampler that drew it
+    weight: float = 0.0
+
+
+class Policy:
+    """The prompter being trained: a base causal LM with one trainable LoRA adapter (``policy``). With the
+    adapter disabled it is exactly rho_ref, so one model gives rho_theta, rho_ref and their log-ratios."""
+
+    def __init__(
+        self,
+        base_path: str,
+        *,
+        lora_r: int = 8,
+        lora_alpha: int = 16,
+        lora_dropout: float = 0.0,
+        target_modules: Sequence[str] = ("q_proj", "k_proj", "v_proj", "o_proj"),
+        adapter_path: str | Path | None = None,
+        generator: Generator | None = None,
+    ) -> None:
+        from peft import LoraConfig, PeftModel, get_peft_model
+
+        self.gen = generator or Generator(base_path, dtype="float32")
+        base = self.gen.model
+        if adapter_path is not None:
+            model = PeftModel.from_pretrained(base, str(adapter_path), adapter_name=POLICY, is_trainable=True)
+        else:
+            cfg = LoraConfig(
+                r=lora_r,
+                lora_alpha=lora_alpha,
+                lora_dropout=lora_dropout,
+                target_modules=list(target_modules),
+                task_type="CAUSAL_LM",
+                bias="none",
+            )
+            model = get_peft_model(base, cfg, adapter_name=POLICY)
+        model.eval()
+        self.model = model
+        self.gen.model = model
+        self.gen.adapters = {POLICY: "(in memory)"}
+        self.tokenizer = self.gen.tokenizer
+        self.end_id = self._end_id()
+
+    def _end_id(self) -> int:
+        tok = self.tokenizer
+        end = tok.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tok.get_vocab() else None
+        if isinstance(end, int) and end in self.gen.eos_ids:
+            return end
+        return int(tok.eos_token_id if tok.eos_token_id is not None else next(iter(self.gen.eos_ids)))
+
+    def trainable_parameters(self) -> list[Any]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def prompt_ids(self, text: str, contract: Contract) -> list[int]:
+        return self.gen.chat_ids(prompter_messages(text, contract))
+
+    def sample(
+        self,
+        examples: Sequence[Example],
+        contract: Contract,
+        k: int,
+        *,
+        adapter: bool,
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        seed: int,
+        batch_size: int = 16,
+        tag: str = "",
+    ) -> list[Sample]:
+        """K outputs per example from rho_theta (``adapter=True``) or rho_ref, in batches; seeded per row."""
+        rows: list[tuple[Example, list[int], int]] = []
+        for e in examples:
+            ids = self.prompt_ids(e.prompt, contract)
+            rows += [(e, ids, row_seed(seed, tag, e.id, j)) for j in range(k)]
+        out: list[Sample] = []
+        for i in range(0, len(rows), batch_size):
+            chunk = rows[i : i + batch_size]
+            reqs = [
+                GenRequest(
+                    ids, max_new_tokens, temperature, top_p, seed=s, adapter=POLICY if adapter else None
+                )
+                for _, ids, s in chunk
+            ]
+            results: list[GenResult] = self.gen.generate(reqs)
+            for (e, ids, _), r in zip(chunk, results, strict=True):
+                comp = list(r.token_ids) + ([self.end_id] if r.finish_reason == "stop" else [])
+                out.append(Sample(e, ids, comp, r.text, r.finish_reason))
+        return out
+
+    def from_texts(
+        self,
+        examples: Sequence[Example],
+        contract: Contract,
+        outputs: Sequence[Sequence[tuple[str, str | None]]],
+    ) -> list[Sample]:
+        """Samples from texts drawn elsewhere (e.g. rho_ref served by vLLM), re-tokenised for training."""
+        out: list[Sample] = []
+        for e, outs in zip(examples, outputs, strict=True):
+            ids = self.prompt_ids(e.prompt, contract)
+            for text, finish in outs:
+                comp = self.gen.text_ids(text) + ([self.end_id] if finish == "stop" else [])
+                out.append(Sample(e, ids, comp, text, finish or "stop"))
+        return out
+
+    def sequence_logprob(self, samples: Sequence[Sample], adapter: bool, batch_size: int = 8) -> list[float]:
+        """sum_t log p(x'_t | x, x'_<t) of each sample under rho_theta or rho_ref."""
+        import torch
+
+        out: list[float] = []
+        with self.gen.lock, torch.inference_mode(), self.gen._adapter(POLICY if adapter else None):
+            for i in range(0, len(samples), batch_size):
+                lp, _ = completion_logprobs(self, samples[i : i + batch_size])
+                out += [float(v) for v in lp.sum(1)]
+        return out
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(str(path), selected_adapters=[POLICY])
+        # peft writes a named adapter into a sub-folder; the shipped layout is a plain peft folder.
+        sub = path / POLICY
+        if sub.is_dir():
+            for f in sub.iterdir():
+                f.replace(path / f.name)
+            sub.rmdir()
+
+    def load_weights(self, path: str | Path) -> None:
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        state = load_file(str(Path(path) / "adapter_model.safetensors"))
+        set_peft_model_state_dict(self.model, state, adapter_name=POLICY)
+
+
+def completion_logprobs(policy: Policy, samples: Sequence[Sample]) -> tuple[Any, Any]:
+    """Per-token log-probabilities of each sample's completion under the policy's current adapter state:
+    ``(logp [B, L], mask [B, L])``. Rows are left-padded so every completion ends in the last column, and only
+    the last L+1 positions get logits (``logits_to_keep``): the long shared prompt never meets the LM head."""
+    import torch
+
+    width = max(len(s.prompt_ids) + len(s.completion_ids) for s in samples)
+    keep = max(len(s.completion_ids) for s in samples)
+    pad = policy.gen.pad_id
+    ids = torch.full((len(samples), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(samples), width), dtype=torch.long)
+    cmask = torch.zeros((len(samples), keep), dtype=torch.float32)
+    for i, s in enumerate(samples):
+        seq = s.prompt_ids + s.completion_ids
+        ids[i, width - len(seq) :] = torch.tensor(seq)
+        mask[i, width - len(seq) :] = 1
+        if s.completion_ids:
+            cmask[i, keep - len(s.completion_ids) :] = 1.0
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits = policy.model(
+        input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=keep + 1
+    ).logits
+    logits = logits[:, :-1].float()  # position t predicts token t+1: the last `keep` tokens
+    target = ids[:, width - keep :]
+    lp = torch.log_softmax(logits, dim=-1).gather(2, target.unsqueeze(2)).squeeze(2)
+    return lp * cmask, cmask
+
+
+def prefix_shared_logprobs(policy: Policy, samples: Sequence[Sample]) -> tuple[Any, Any]:
+    """Like :func:`completion_logprobs` for samples of ONE prompt, cheaper: the shared prompt (all but its last
+    token) runs once without gradients, its KV cache is repeated for the K completions, and only the completion
+    tokens (plus the prompt's last token) run with gradients. The forward pass is exact; the gradient ignores the
+    adapter's effect on the prompt's keys and values (a truncation that costs ~10x less on a few-shot prompt)."""
+    import torch
+
+    prompt = samples[0].prompt_ids
+    assert all(s.prompt_ids == prompt for s in samples)
+    keep = max(len(s.completion_ids) for s in samples)
+    n = len(samples)
+    with torch.no_grad():
+        past = policy.model(input_ids=torch.tensor([prompt[:-1]]), use_cache=True).past_key_values
+    if n > 1:
+        past.batch_repeat_interleave(n)
+    pad = policy.gen.pad_id
+    ids = torch.full((n, keep + 1), pad, dtype=torch.long)
+    cmask = torch.zeros((n, keep), dtype=torch.float32)
+    for i, s in enumerate(samples):
+        seq = [prompt[-1], *s.completion_ids]
+        ids[i, : len(seq)] = torch.tensor(seq)
+        cmask[i, : len(s.completion_ids)] = 1.0
+    p = len(prompt) - 1
+    attn = torch.ones((n, p + keep + 1), dtype=torch.long)
+    attn[:, p + 1 :] = (cmask > 0).long()  # right padding of the completions is masked out
+    pos = torch.arange(p, p + keep + 1).unsqueeze(0).expand(n, -1)
+    logits = policy.model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=past).logits
+    logits = logits[:, :-1].float()
+    lp = torch.log_softmax(logits, dim=-1).gather(2, ids[:, 1:].unsqueeze(2)).squeeze(2)
+    return lp * cmask, cmask
+
+
+def weighted_nll(policy: Policy, samples: Sequence[Sample], shared_prefix: bool = False) -> Any:
+    """``sum_i w_i * NLL_i / sum_i w_i * len_i``: the weighted MLE loss, per rewrite token, on the rewrite tokens
+    only (the prompt is context). ``shared_prefix`` uses :func:`prefix_shared_logprobs` per prompt."""
+    import torch
+
+    policy.model.set_adapter(POLICY)
+    if shared_prefix:
+        by_prompt: dict[tuple[int, ...], list[Sample]] = {}
+        for smp in samples:
+            by_prompt.setdefault(tuple(smp.prompt_ids), []).append(smp)
+        ordered = [smp for group in by_prompt.values() for smp in group]
+        parts = [prefix_shared_logprobs(policy, group) for group in by_prompt.values()]
+        nll = torch.cat([-lp.sum(1) for lp, _ in parts])
+        lens = torch.cat([m.sum(1) for _, m in parts])
+        w = torch.tensor([smp.weight for smp in ordered], dtype=torch.float32)
+        return (w * nll).sum() / (w * lens).sum().clamp(min=1e-6)
+    lp, cmask = completion_logprobs(policy, samples)
+    nll = -lp.sum(1)
+    w = torch.tensor([s.weight for s in samples], dtype=torch.float32)
+    return (w * nll).sum() / (w * cmask.sum(1)).sum().clamp(min=1e-6)
+
+
+def importance_weights(
+    rewards: Sequence[float], lam: float, log_ratio: Sequence[float] | None = None
+) -> list[float]:
+    """``softmax_k(R_k / lam + log rho_ref(x'_k) - log q(x'_k))`` over one prompt's K samples; without
+    ``log_ratio`` (samples from rho_ref) this is ``softmax(R / lam)``."""
+    z = np.asarray(rewards, dtype=np.float64) / lam
+    if log_ratio is not None:
+        z = z + np.asarray(log_ratio, dtype=np.float64)
+    z = z - z.max()
+    e = np.exp(z)
+    return [float(v) for v in e / e.sum()]
+
+
+def effective_sample_size(weights: Sequence[float]) -> float:
+    w = np.asarray(weights, dtype=np.float64)
+    return float(w.sum() ** 2 / max((w**2).sum(), 1e-12))
+
+
+# ------------------------------------------------------------------------------------------------ loop
+Scorer = Callable[[list[Sample]], None]  # fills served / reason / reward of each sample
+Hook = Callable[[dict[str, Any]], None]  # called with each log record
+
+
+def estimate_kl(policy: Policy, probe: Sequence[Example], cfg: TrainConfig, step: int) -> float:
+    """``E_{x' ~ rho_theta}[log rho_theta(x'|x) - log rho_ref(x'|x)]`` on fresh rewrites of ``probe``."""
+    if not probe:
+        return 0.0
+    contract: Contract = "augment" if cfg.contract == "augment" else "rewrite"
+    samples = policy.sample(
+        probe, contract, 1, adapter=True, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+        top_p=cfg.top_p, seed=cfg.seed, batch_size=cfg.gen_batch_size, tag=f"kl-{step}",
+    )  # fmt: skip
+    theta = policy.sequence_logprob(samples, adapter=True)
+    ref = policy.sequence_logprob(samples, adapter=False)
+    return float(np.mean([a - b for a, b in zip(theta, ref, strict=True)]))
+
+
+def train_closed_form(
+    cfg: ClosedFormConfig,
+    policy: Policy,
+    train: Sequence[Example],
+    score: Scorer,
+    out_dir: Path,
+    log_fn: Hook,
+    resume: dict[str, Any] | None = None,
+    progress: bool = True,
+    engine_sampler: Callable[[Sequence[Example], int], list[list[tuple[str, str | None]]]] | None = None,
+    reuse_samples: bool = False,
+) -> dict[str, Any]:
+    """Run the closed-form trainer; returns summary metrics. ``resume`` is the state of a checkpoint;
+    ``reuse_samples`` reads already scored rounds from ``samples.jsonl`` (a resumed run, or a refit of saved samples
+    at another ``lam``: their weights are recomputed)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    contract: Contract = "augment" if cfg.contract == "augment" else "rewrite"
+    params = policy.trainable_parameters()
+    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
+    state = {"round": 0, "epoch": 0, "batch": 0, "step": 0}
+    rng = random.Random(cfg.seed)
+    probe = list(train[: cfg.kl_probe_prompts])
+    if resume:
+        state.update(resume["state"])
+        opt.load_state_dict(resume["optimizer"])
+        rng.setstate(_tuple_state(resume["rng"]))
+        torch.set_rng_state(resume["torch_rng"])
+    samples_file = out_dir / "samples.jsonl"
+    summary: dict[str, Any] = {}
+    for rnd in range(state["round"], cfg.rounds):
+        samples = _load_round(samples_file, rnd, train) if (resume or reuse_samples) else None
+        if samples is None:
+            t0 = time.process_time()
+            if rnd == 0 and engine_sampler is not None:
+                samples = policy.from_texts(train, contract, engine_sampler(train, cfg.k))
+            else:
+                samples = policy.sample(
+                train, contract, cfg.k, adapter=rnd > 0, max_new_tokens=cfg.max_new_tokens,
+                temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed, batch_size=cfg.gen_batch_size,
+                tag=f"round-{rnd}",
+                )  # fmt: skip
+            score(samples)
+            if rnd > 0:
+                # Importance correction for samples drawn from rho_theta. Round 0 draws from rho_ref itself, where
+                # the ratio is 1: its log-probs stay 0 (skipping a forward pass over every sample and its
+                # few-shot prompt, ~10 min of one core for 480 samples of SmolLM2).
+                ref = policy.sequence_logprob(samples, adapter=False)
+                q = policy.sequence_logprob(samples, adapter=True)
+                for s, a, b in zip(samples, ref, q, strict=True):
+                    s.logp_ref, s.logp_q = a, b
+            _weigh(samples, cfg)
+            _save_round(samples_file, rnd, samples)
+            rs = [s.reward for s in samples]
+            log_fn({
+                "event": "round", "round": rnd, "samples": len(samples), "reward_mean": float(np.mean(rs)),
+                "unusable": sum(s.served is None for s in samples), "sample_cpu_s": time.process_time() - t0,
+                "ess_mean": _ess_mean(samples, train),
+            })  # fmt: skip
+        else:
+            # Weights are a function of the config (lam, the importance ratios): recompute them for samples read
+            # back, so a saved round can be refitted at another lam without drawing or scoring it again.
+            _weigh(samples, cfg)
+            log_fn({"event": "reweighed", "round": rnd, "samples": len(samples), "lam": cfg.lam,
+                    "ess_mean": _ess_mean(samples, train)})  # fmt: skip
+        resume, reuse_samples = None, False
+        groups = _groups(samples, cfg)
+        for epoch in range(state["epoch"] if state["round"] == rnd else 0, cfg.epochs):
+            order = list(range(len(groups)))
+            random.Random(row_seed(cfg.seed, "order", rnd, epoch)).shuffle(order)
+            batches = [
+                order[i : i + cfg.prompts_per_step] for i in range(0, len(order), cfg.prompts_per_step)
+            ]
+            start = state["batch"] if (state["round"], state["epoch"]) == (rnd, epoch) else 0
+            bar = tqdm(
+                total=len(batches), initial=start, desc=f"round {rnd} epoch {epoch}", disable=not progress
+            )
+            for b in range(start, len(batches)):
+                batch = [s for g in batches[b] for s in groups[g]]
+                t0 = time.process_time()
+                policy.model.train()
+                loss = weighted_nll(policy, batch, shared_prefix=cfg.shared_prefix)
+                opt.zero_grad()
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                opt.step()
+                policy.model.eval()
+                state.update(round=rnd, epoch=epoch, batch=b + 1, step=state["step"] + 1)
+                step = state["step"]
+                rec: dict[str, Any] = {
+                    "event": "step", "step": step, "round": rnd, "epoch": epoch, "loss": float(loss.detach()),
+                    "reward": float(np.average([s.reward for s in batch], weights=[s.weight for s in batch])),
+                    "reward_sampled": float(np.mean([s.reward for s in batch])), "step_cpu_s": time.process_time() - t0,
+                }  # fmt: skip
+                if cfg.kl_every and step % cfg.kl_every == 0:
+                    rec["kl"] = estimate_kl(policy, probe, cfg, step)
+                if step % max(cfg.log_steps, 1) == 0 or "kl" in rec:
+                    log_fn(rec)
+                bar.update(1)
+                bar.set_postfix(loss=f"{rec['loss']:.3f}")
+                if cfg.save_steps and step % cfg.save_steps == 0:
+                    save_checkpoint(out_dir, policy, opt, state, rng)
+            bar.close()
+            state.update(epoch=epoch + 1, batch=0)
+        state.update(round=rnd + 1, epoch=0, batch=0)
+        save_checkpoint(out_dir, policy, opt, state, rng)
+        summary = {"steps": state["step"], "rounds": rnd + 1}
+    summary["kl_final"] = estimate_kl(policy, probe, cfg, -1)
+    log_fn({"event": "final", "step": state["step"], "kl": summary["kl_final"]})
+    return summary
+
+
+def _weigh(samples: list[Sample], cfg: ClosedFormConfig) -> None:
+    by_id: dict[str, list[Sample]] = {}
+    for s in samples:
+        by_id.setdefault(s.example.id, []).append(s)
+    for group in by_id.values():
+        ratio = [s.logp_ref - s.logp_q for s in group]
+        ws = importance_weights([s.reward for s in group], cfg.lam, ratio)
+        for s, w in zip(group, ws, strict=True):
+            s.weight = w
+
+
+def _ess_mean(samples: list[Sample], train: Sequence[Example]) -> float:
+    """Mean over prompts of the effective sample size of their K weights (K: flat, 1: one rewrite takes all)."""
+    return float(
+        np.mean([effective_sample_size([s.weight for s in samples if s.example.id == e.id]) for e in train])
+    )
+
+
+def _groups(samples: list[Sample], cfg: ClosedFormConfig) -> list[list[Sample]]:
+    by_id: dict[str, list[Sample]] = {}
+    for s in samples:
+        if s.weight < cfg.min_weight or not s.completion_ids:
+            continue
+        if cfg.drop_unusable and s.served is None:
+            continue
+        by_id.setdefault(s.example.id, []).append(s)
+    return list(by_id.values())
+
+
+def _sample_row(rnd: int, s: Sample) -> dict[str, Any]:
+    return {
+        "round": rnd, "id": s.example.id, "prompt": s.example.prompt, "kind": s.example.kind,
+        "prompt_ids": s.prompt_ids, "completion_ids": s.completion_ids, "text": s.text, "finish": s.finish_reason,
+        "served": s.served, "reason": s.reason, "reward": s.reward, "logp_ref": s.logp_ref, "logp_q": s.logp_q,
+        "weight": s.weight,
+    }  # fmt: skip
+
+
+def _save_round(path: Path, rnd: int, samples: list[Sample]) -> None:
+    with path.open("a", encoding="utf-8") as f:
+        for s in samples:
+            f.write(json.dumps(_sample_row(rnd, s), ensure_ascii=False) + "\n")
+
+
+def _load_round(path: Path, rnd: int, train: Sequence[Example]) -> list[Sample] | None:
+    if not path.is_file():
+        return None
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = [r for r in rows if r["round"] == rnd]
+    if not rows:
+        return None
+    out = []
+    for r in rows:
+        s = Sample(Example(r["id"], r["prompt"], r["kind"]), r["prompt_ids"], r["completion_ids"], r["text"],
+                   r["finish"], r["served"], r["reason"], r["reward"], r["logp_ref"], r["logp_q"], r["weight"])  # fmt: skip
+        out.append(s)
+    return out
+
+
+def _tuple_state(obj: Any) -> Any:
+    return tuple(_tuple_state(v) for v in obj) if isinstance(obj, list) else obj
+
+
+def save_checkpoint(
+    out_dir: Path, policy: Policy, opt: Any, state: dict[str, Any], rng: random.Random
+) -> Path:
+    """``out_dir/checkpoint-<step>``: the adapter, the optimizer, RNG states and the loop position; ``latest``
+    names the newest. Written to a temporary folder and renamed, so a crash never leaves half a checkpoint."""
+    import shutil
+
+    import torch
+
+    name = f"checkpoint-{state['step']}"
+    final = out_dir / name
+    tmp = out_dir / f".{name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    policy.save(tmp)
+    torch.save(
+        {
+            "state": dict(state),
+            "optimizer": opt.state_dict(),
+            "rng": rng.getstate(),
+            "torch_rng": torch.get_rng_state(),
+        },
+        tmp / "trainer_state.pt",
+    )
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    (out_dir / "latest").write_text(name)
+    return final
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    marker = out_dir / "latest"
+    if marker.is_file():
+        path = out_dir / marker.read_text().strip()
+        if (path / "trainer_state.pt").is_file():
+            return path
+    return None
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    import torch
+
+    state: dict[str, Any] = torch.load(path / "trainer_state.pt", weights_only=False)
+    return state
+
+
+def mean_or_nan(xs: Sequence[float]) -> float:
+    return float(np.mean(xs)) if xs else math.nan

@@ -1,0 +1,226 @@
+"""The RL Align-Pro trainer (``rl``): KL-regularised policy gradient with TRL's GRPO (or RLOO).
+
+The prompter rho_theta (a LoRA adapter on the prompter base) is trained to maximise
+``E_{x' ~ rho_theta(.|x)} R(x, x') - beta KL(rho_theta || rho_ref)`` with ``beta = lam``. With a peft model TRL
+computes the reference log-probabilities with the adapter disabled, i.e. under rho_ref itself. The reward of a
+completion x' is the R estimate of :mod:`alignpro.scoring.estimate`: the output is validated as the gateway
+would (an unusable one serves the original prompt), the frozen model answers, and the reward scores the answer
+on the ORIGINAL request.
+
+Generation runs with transformers (CPU here); ``use_vllm`` hands it to a ``trl vllm-serve`` server on a GPU.
+TRL's own checkpoints give ``--resume``; its log lines feed the JSON-lines log and the curves.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from alignpro import embedded
+from alignpro.prompter.instruction import prompter_messages
+from alignpro.prompter.validate import OutputValidator
+from alignpro.protocol import Contract
+from alignpro.scoring.estimate import LoopThread, REstimator
+from alignpro.training.closed_form import TrainConfig
+from alignpro.training.data import Example
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RLConfig(TrainConfig):
+    """The RL trainer (TRL GRPO/RLOO with beta = lam)."""
+
+    trainer: str = field(default="rl", metadata={"help": "rl"})
+    algorithm: str = field(default="grpo", metadata={"help": "grpo | rloo (TRL trainers)."})
+    max_steps: int = field(default=20, metadata={"help": "Optimizer steps."})
+    prompts_per_step: int = field(default=2, metadata={"help": "Prompts per step; each gets K generations."})
+    loss_type: str = field(default="dapo", metadata={"help": "GRPO loss normalisation (TRL's loss_type)."})
+    scale_rewards: str = field(
+        default="group", metadata={"help": "GRPO advantage scaling: group | batch | none."}
+    )
+    cpu_budget_s: float | None = field(
+        default=None,
+        metadata={"help": "Stop after the step that brings this process's CPU time past this many seconds (for "
+                  "comparing trainers at the same CPU budget; max_steps still bounds the run)."},
+    )  # fmt: skip
+    use_vllm: bool = field(default=False, metadata={"help": "Generate with a trl vllm-serve server (GPU)."})
+    vllm_server_base_url: str | None = field(
+        default=None, metadata={"help": "use_vllm: the trl vllm-serve URL."}
+    )
+
+
+class RReward:
+    """R(x, x') as a TRL reward function: ``f(prompts, completions, completion_ids, original, kind, ...)``."""
+
+    __name__ = "R"
+
+    def __init__(
+        self,
+        estimator: REstimator,
+        runner: LoopThread,
+        validator: OutputValidator,
+        contract: Contract,
+        max_new_tokens: int,
+    ) -> None:
+        self.estimator, self.runner, self.validator = estimator, runner, validator
+        self.contract: Contract = contract
+        self.max_new_tokens = max_new_tokens
+        self.unusable = 0
+        self.seen = 0
+
+    def __call__(
+        self,
+        prompts: list[Any],
+        completions: list[Any],
+        completion_ids: list[list[int]] | None = None,
+        original: list[str] | None = None,
+        kind: list[str] | None = None,
+        **kw: Any,
+    ) -> list[float]:
+        if original is None or kind is None:
+            raise ValueError("the R reward needs the dataset's `original` and `kind` columns")
+        served: list[str | None] = []
+        texts = [c[-1]["content"] if isinstance(c, list) else str(c) for c in completions]
+        self.validator.prefetch(list(original) + [t.strip() for t in texts])
+        for i, text in enumerate(texts):
+            ids = completion_ids[i] if completion_ids is not None else []
+            finish = "length" if len(ids) >= self.max_new_tokens else "stop"
+            parsed = self.validator(original[i], text, finish, self.contract)
+            served.append(parsed.text)
+            self.unusable += parsed.text is None
+        self.seen += len(completions)
+        return self.estimator.estimate(self.runner, original, served, kind)
+
+
+def make_dataset(examples: Sequence[Example], contract: Contract) -> Any:
+    from datasets import Dataset
+
+    return Dataset.from_list(
+        [
+            {
+                "prompt": prompter_messages(e.prompt, contract),
+                "original": e.prompt,
+                "kind": e.kind,
+                "id": e.id,
+            }
+            for e in examples
+        ]
+    )
+
+
+def train_rl(
+    cfg: RLConfig,
+    base_path: str,
+    train: Sequence[Example],
+    reward: RReward,
+    out_dir: Path,
+    log_fn: Callable[[dict[str, Any]], None],
+    resume: bool = False,
+    progress: bool = True,
+) -> tuple[Any, dict[str, Any]]:
+    """Train with TRL; returns (the trained peft model, summary metrics). Checkpoints go to ``out_dir``."""
+    import torch
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+
+    contract: Contract = "augment" if cfg.contract == "augment" else "rewrite"
+    with embedded.LOAD_LOCK:
+        tok = AutoTokenizer.from_pretrained(base_path)
+        model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    peft_cfg = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=list(cfg.target_modules),
+        task_type="CAUSAL_LM",
+        bias="none",
+    )
+    batch = cfg.prompts_per_step * cfg.k
+    common: dict[str, Any] = dict(
+        output_dir=str(out_dir),
+        learning_rate=cfg.learning_rate,
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=1,
+        max_steps=cfg.max_steps,
+        num_generations=cfg.k,
+        max_completion_length=cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        beta=cfg.lam,
+        logging_steps=max(cfg.log_steps, 1),
+        save_steps=cfg.save_steps or cfg.max_steps,
+        save_strategy="steps",
+        report_to=[],
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        use_cpu=not torch.cuda.is_available(),
+        bf16=False,
+        disable_tqdm=not progress,
+        remove_unused_columns=False,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+    )
+    if cfg.algorithm == "grpo":
+        from trl import GRPOConfig, GRPOTrainer
+
+        args: Any = GRPOConfig(
+            **common,
+            loss_type=cfg.loss_type,
+            scale_rewards=cfg.scale_rewards,
+            use_vllm=cfg.use_vllm,
+            vllm_mode="server",
+            vllm_server_base_url=cfg.vllm_server_base_url,
+        )
+        trainer_cls: Any = GRPOTrainer
+    elif cfg.algorithm == "rloo":
+        from trl import RLOOConfig, RLOOTrainer
+
+        args = RLOOConfig(**common, use_vllm=cfg.use_vllm, vllm_mode="server",
+                          vllm_server_base_url=cfg.vllm_server_base_url)  # fmt: skip
+        trainer_cls = RLOOTrainer
+    else:
+        raise ValueError(f"unknown algorithm {cfg.algorithm!r}; expected grpo or rloo")
+
+    t_start = time.process_time()
+
+    class LogBridge(TrainerCallback):
+        def on_log(
+            self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any
+        ) -> None:
+            if not logs or "train_runtime" in logs:
+                return
+            rec = {"event": "step", "step": int(state.global_step)}
+            for src, dst in (("loss", "loss"), ("reward", "reward"), ("kl", "kl"), ("reward_std", "reward_std"),
+                             ("completions/mean_length", "rewrite_tokens"), ("entropy", "entropy")):  # fmt: skip
+                if src in logs:
+                    rec[dst] = float(logs[src])
+            rec["unusable_rate"] = reward.unusable / max(reward.seen, 1)
+            rec["cpu_s"] = time.process_time() - t_start
+            log_fn(rec)
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if cfg.cpu_budget_s is not None and time.process_time() - t_start >= cfg.cpu_budget_s:
+                log_fn({"event": "cpu_budget_reached", "step": int(state.global_step),
+                        "cpu_s": time.process_time() - t_start})  # fmt: skip
+                control.should_training_stop = True
+
+    trainer = trainer_cls(
+        model=model,
+        reward_funcs=[reward],
+        args=args,
+        train_dataset=make_dataset(train, contract),
+        processing_class=tok,
+        peft_config=peft_cfg,
+        callbacks=[LogBridge()],
+    )
+    out = trainer.train(resume_from_checkpoint=True if resume else None)
+    summary = {"steps": int(trainer.state.global_step), "train_loss": float(out.training_loss)}
+    return trainer.model, summary

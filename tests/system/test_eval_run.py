@@ -11,12 +11,12 @@ from typing import Any
 
 import pytest
 
+from alignpro.engines.factory import EngineSpec
 from alignpro.errors import ConfigError, UpstreamError
 from alignpro.eval.report import MEAN_PNG, REPORT_MD, RESULTS_JSON, VARIANCE_PNG
 from alignpro.eval.runner import (
     FROZEN,
     PROGRESS_JSONL,
-    EngineSpec,
     EvalConfig,
     EvalRunner,
     parse_prompters,

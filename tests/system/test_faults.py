@@ -26,11 +26,11 @@ import httpx
 import pytest
 
 from alignpro.engines.base import Engine
+from alignpro.engines.factory import Timeouts, build_engine
 from alignpro.engines.openai import OpenAIEngine
 from alignpro.errors import UpstreamUnavailableError
 from alignpro.prompter.stage import PrompterStage
 from alignpro.server.app import create_app
-from alignpro.server.gateway import build_engine
 from alignpro.settings import EngineConfig, PrompterConfig, Settings
 from alignpro.testing.faults import FaultInjector
 from alignpro.testing.servers import Server, free_port, start_gateway
@@ -231,7 +231,9 @@ def _engine(urls: list[str], threshold: int = 2, probe: float = 0.2) -> OpenAIEn
     cfg = EngineConfig(
         kind="openai", urls=urls, model="ok", failure_threshold=threshold, probe_interval_s=probe
     )
-    engine = build_engine("e", cfg, Settings(connect_timeout_s=1, read_timeout_s=2, request_timeout_s=3))
+    engine = build_engine(
+        "e", cfg, Timeouts.of(Settings(connect_timeout_s=1, read_timeout_s=2, request_timeout_s=3))
+    )
     assert isinstance(engine, OpenAIEngine)
     return engine
 
@@ -287,7 +289,9 @@ async def test_retries_only_where_nothing_can_run_twice(fi: FaultInjector) -> No
     broke off after it started are not retried (the work may have run)."""
     other = await asyncio.to_thread(FaultInjector(free_port()).start)
     cfg = EngineConfig(kind="openai", urls=[fi.url, other.url], model="ok", failure_threshold=100)
-    engine = build_engine("two", cfg, Settings(connect_timeout_s=1, read_timeout_s=1, request_timeout_s=3))
+    engine = build_engine(
+        "two", cfg, Timeouts.of(Settings(connect_timeout_s=1, read_timeout_s=1, request_timeout_s=3))
+    )
     await engine.start()
 
     def sent(model: str) -> int:

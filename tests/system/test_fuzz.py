@@ -24,8 +24,8 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
+from alignpro.engines.factory import Timeouts, build_engine
 from alignpro.engines.openai import OpenAIEngine
-from alignpro.server.gateway import build_engine
 from alignpro.settings import EngineConfig, Settings
 from alignpro.testing.faults import FaultInjector
 from alignpro.testing.servers import free_port, start_gateway
@@ -248,7 +248,9 @@ def chunked_stream(draw: st.DrawFn) -> tuple[list[bytes], list[bytes]]:
 @given(case=chunked_stream())
 async def test_sse_events_survive_any_chunking(case: tuple[list[bytes], list[bytes]]) -> None:
     events, pieces = case
-    engine = build_engine("up", EngineConfig(kind="openai", urls=["http://upstream.invalid/v1"]), Settings())
+    engine = build_engine(
+        "up", EngineConfig(kind="openai", urls=["http://upstream.invalid/v1"]), Timeouts.of(Settings())
+    )
     assert isinstance(engine, OpenAIEngine)
     engine._client = httpx.AsyncClient(transport=ChunkingUpstream(pieces))
     try:

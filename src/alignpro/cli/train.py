@@ -187,16 +187,17 @@ async def engine_rewrites(
     """K rho_ref outputs per row drawn through ``engine`` (one request with n=K each, bounded concurrency)."""
     import asyncio
 
-    from alignpro.prompter.instruction import prompter_messages
+    from alignpro.prompter.instruction import prompter_outputs, prompter_request
 
     sem = asyncio.Semaphore(max(1, cfg.concurrency))
 
     async def one(text: str) -> list[tuple[str, str | None]]:
-        body = {"model": engine.default_model(), "messages": prompter_messages(text, cfg.contract),
-                "max_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "top_p": cfg.top_p, "n": k}  # fmt: skip
+        body = prompter_request(
+            text, cfg.contract, model=engine.default_model(), max_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature, top_p=cfg.top_p, n=k,
+        )  # fmt: skip
         async with sem:
-            resp = await engine.chat(body)
-        return [(str(c["message"].get("content") or ""), c.get("finish_reason")) for c in resp["choices"]]
+            return prompter_outputs(await engine.chat(body))
 
     return list(await asyncio.gather(*(one(r.prompt) for r in rows)))
 
@@ -312,8 +313,9 @@ def run(
     import torch
 
     from alignpro import embedded
+    from alignpro.engines.factory import build_frozen_engine
     from alignpro.prompter.validate import OutputValidator
-    from alignpro.scoring.estimate import FrozenSampling, LoopThread, REstimator, build_frozen_engine
+    from alignpro.scoring.estimate import FrozenSampling, LoopThread, REstimator
     from alignpro.scoring.rewards import load_reward
     from alignpro.training import closed_form as cf
     from alignpro.training.data import balanced, data_hash, load_prompts

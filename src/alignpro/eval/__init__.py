@@ -13,7 +13,7 @@ from typing import Any
 _EXPORTS = {
     "EvalConfig": "alignpro.eval.runner",
     "EvalRunner": "alignpro.eval.runner",
-    "EngineSpec": "alignpro.eval.runner",
+    "EngineSpec": "alignpro.engines.factory",
     "Method": "alignpro.eval.runner",
     "arun_eval": "alignpro.eval.runner",
     "run_eval": "alignpro.eval.runner",

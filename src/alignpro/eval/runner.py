@@ -48,11 +48,12 @@ from pathlib import Path
 from typing import Any
 
 from alignpro.engines.base import Engine
+from alignpro.engines.factory import EngineSpec, Timeouts, build_engine
 from alignpro.errors import AlignProError, ConfigError, UpstreamError
 from alignpro.eval.report import write_report
 from alignpro.eval.stats import EvalRecord, summarize
 from alignpro.protocol import Contract, Mode
-from alignpro.settings import TRAINED, AliasConfig, EngineConfig, PrompterConfig, Settings
+from alignpro.settings import TRAINED, AliasConfig, PrompterConfig, Settings
 from alignpro.training.data import Example, balanced, load_prompts
 
 log = logging.getLogger(__name__)
@@ -64,51 +65,6 @@ REFUSAL_THRESHOLD = 0.5  # P(refusal) from the refusal classifier at or above wh
 
 
 # -------------------------------------------------------------------------------------------- configuration
-@dataclass(frozen=True)
-class EngineSpec:
-    """A model to run: ``local:embedded``, ``local:/path/to/model`` or ``openai:http://host:port/v1#model``."""
-
-    kind: str  # "local" | "openai"
-    model: str  # local: a folder or "embedded"; openai: the served model id
-    url: str | None = None
-
-    @classmethod
-    def parse(cls, spec: str) -> EngineSpec:
-        spec = spec.strip()
-        kind, sep, rest = spec.partition(":")
-        if not sep and kind in ("local", "embedded"):
-            return cls("local", "embedded")
-        if kind == "local" and rest:
-            return cls("local", rest)
-        if kind == "openai" and rest:
-            url, hash_, model = rest.rpartition("#")
-            if not hash_ or not url.startswith(("http://", "https://")) or not model:
-                raise ConfigError(f"engine spec {spec!r} must look like openai:http://host:port/v1#model")
-            return cls("openai", model, url.rstrip("/"))
-        raise ConfigError(
-            f"unknown model spec {spec!r}; expected local:embedded, local:/path or openai:http://host:port/v1#model"
-        )
-
-    def engine_config(
-        self, *, dtype: str, batch_size: int, adapters: dict[str, str] | None = None
-    ) -> EngineConfig:
-        if self.kind == "local":
-            # A longer batch wait than the gateway's: eval submits many prompts at once and wants full batches.
-            return EngineConfig(
-                kind="local",
-                model=self.model,
-                adapters=dict(adapters or {}),
-                dtype=dtype,
-                max_batch_size=batch_size,
-                batch_wait_ms=20.0,
-            )
-        assert self.url is not None
-        return EngineConfig(kind="openai", model=self.model, urls=[self.url])
-
-    def __str__(self) -> str:
-        return f"openai:{self.url}#{self.model}" if self.kind == "openai" else f"local:{self.model}"
-
-
 @dataclass(frozen=True)
 class Method:
     """One row of the report."""
@@ -471,7 +427,7 @@ class EvalRunner:
         )
 
     async def _start(self) -> None:
-        from alignpro.server.gateway import Gateway, build_engine
+        from alignpro.server.gateway import Gateway
 
         settings = self._settings()
         given = self._given_engines or {}
@@ -482,7 +438,7 @@ class EvalRunner:
                 continue
             eng = given.get(name)
             if eng is None:  # engines handed in are already started and stay the caller's
-                eng = build_engine(name, ecfg, settings)
+                eng = build_engine(name, ecfg, Timeouts.of(settings))
                 self.owned.append(eng)
             self.engines[name] = eng
         await asyncio.gather(*(e.start() for e in self.owned))
@@ -492,15 +448,7 @@ class EvalRunner:
             self.prompter_engine = self.engines[FROZEN] if self._shared() else self.engines[PROMPTER]
             # The frozen model keeps the untapped engine: only the prompter's calls count as its cost.
             wired[PROMPTER] = PrompterTap(self.prompter_engine)
-        self.gateway = Gateway(settings, engines=wired)
-        for m in self.methods:
-            if m.mode == "optimal":
-                from alignpro.prompter.optimal import for_stage
-
-                # The sampler the gateway serves: K candidates from this alias's prompter stage, R estimated with
-                # the frozen engine and the evaluation's reward, with the serving defaults for its frozen samples.
-                route = self.gateway.routes[m.name]
-                route.stage.optimal = for_stage(route.stage, self.engines[FROZEN], reward=self.reward)
+        self.gateway = Gateway(settings, engines=wired, reward=self.reward)
 
     async def _close(self) -> None:
         await asyncio.gather(*(e.aclose() for e in self.owned), return_exceptions=True)

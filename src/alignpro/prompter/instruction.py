@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
 from alignpro.protocol import Contract
 
@@ -117,6 +118,32 @@ def prompter_messages(text: str, contract: Contract) -> list[dict[str, str]]:
         messages += [{"role": "user", "content": _wrap(request)}, {"role": "assistant", "content": answer}]
     messages.append({"role": "user", "content": _wrap(text)})
     return messages
+
+
+def prompter_request(
+    text: str,
+    contract: Contract,
+    *,
+    model: str,
+    max_tokens: int,
+    temperature: float,
+    top_p: float,
+    n: int = 1,
+) -> dict[str, Any]:
+    """The chat-completions body that asks the prompter ``model`` for ``n`` outputs for the user text ``text``."""
+    return {
+        "model": model,
+        "messages": prompter_messages(text, contract),
+        "max_tokens": max_tokens,
+        "temperature": temperature,
+        "top_p": top_p,
+        "n": n,
+    }
+
+
+def prompter_outputs(response: dict[str, Any]) -> list[tuple[str, str | None]]:
+    """The raw outputs of a :func:`prompter_request`'s response, as (text, finish_reason) per choice."""
+    return [(str(c["message"].get("content") or ""), c.get("finish_reason")) for c in response["choices"]]
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,6 @@ from alignpro.protocol import Contract
 from alignpro.scoring.estimate import FrozenSampling, REstimator
 from alignpro.scoring.rewards import RewardFn, load_reward
 
-DEFAULT_REWARD = "safe-and-helpful"
 # (text, contract, n) -> n raw prompter outputs as (text, finish_reason)
 Generate = Callable[[str, Contract, int], Awaitable[list[tuple[str, str | None]]]]
 KindFn = Callable[[str], str]
@@ -113,7 +112,7 @@ def for_stage(
     stage: Any,
     frozen: Engine,
     frozen_model: str | None = None,
-    reward: str | RewardFn = DEFAULT_REWARD,
+    reward: str | RewardFn = "safe-and-helpful",
     sampling: FrozenSampling | None = None,
 ) -> OptimalSampler:
     """The sampler the gateway installs on an alias: candidates from the alias's prompter stage, R from the alias's

@@ -15,7 +15,6 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
 
 from alignpro.engines.base import Engine
 from alignpro.errors import (
@@ -25,13 +24,13 @@ from alignpro.errors import (
     UpstreamUnavailableError,
 )
 from alignpro.prompter.cache import TTLCache
-from alignpro.prompter.instruction import prompter_messages
+from alignpro.prompter.instruction import prompter_outputs, prompter_request
 from alignpro.prompter.validate import Validator, default_validator
 from alignpro.protocol import AlignProInfo, Contract, Mode
 from alignpro.settings import PrompterConfig
 
 # (text, contract) -> the chosen rewrite, or None when the original prompt won; installed by the rho* sampler
-OptimalSampler = Callable[[str, Contract], Awaitable[str | None]]
+SelectRewrite = Callable[[str, Contract], Awaitable[str | None]]
 
 
 @dataclass
@@ -49,7 +48,7 @@ class PrompterStage:
         cfg: PrompterConfig,
         engine: Engine | None,
         cache: TTLCache[str] | None = None,
-        optimal: OptimalSampler | None = None,
+        optimal: SelectRewrite | None = None,
         on_fallback: Callable[[str], None] | None = None,
         validator: Validator | None = None,
     ) -> None:
@@ -85,16 +84,17 @@ class PrompterStage:
             raise InvalidRequestError(
                 "mode 'adapter' needs prompter.model (the adapter's name)", param="alignpro"
             )
-        body: dict[str, Any] = {
-            "model": model,
-            "messages": prompter_messages(text, contract),
-            "max_tokens": self.cfg.max_tokens,
-            "temperature": self.cfg.temperature,
-            "top_p": self.cfg.top_p,
-            "n": n,
-        }
-        resp = await self.engine.chat(body)
-        return [(str(c["message"].get("content") or ""), c.get("finish_reason")) for c in resp["choices"]]
+        c = self.cfg
+        body = prompter_request(
+            text,
+            contract,
+            model=model,
+            max_tokens=c.max_tokens,
+            temperature=c.temperature,
+            top_p=c.top_p,
+            n=n,
+        )
+        return prompter_outputs(await self.engine.chat(body))
 
     async def rewrite(self, text: str, mode: Mode, contract: Contract | None = None) -> Rewrite:
         contract = contract or self.cfg.contract

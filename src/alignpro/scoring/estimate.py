@@ -185,33 +185,3 @@ class REstimator:
     ) -> list[float]:
         """Synchronous :meth:`aestimate` on ``runner``'s loop (where the engine was started)."""
         return runner.run(self.aestimate(originals, outputs, kinds))
-
-
-def build_frozen_engine(
-    kind: str,
-    model: str = "embedded",
-    urls: Sequence[str] = (),
-    dtype: str = "float32",
-    max_batch_size: int = 16,
-) -> Engine:
-    """A frozen-model engine for training and evaluation: ``local`` (in-process) or ``openai`` (vLLM over HTTP)."""
-    from alignpro.settings import EngineConfig
-
-    if kind == "local":
-        from alignpro.engines.local import LocalEngine
-
-        return LocalEngine(
-            "frozen",
-            EngineConfig(
-                kind="local", model=model, dtype=dtype, max_batch_size=max_batch_size, batch_wait_ms=20
-            ),
-        )
-    import httpx
-
-    from alignpro.engines.openai import OpenAIEngine
-
-    # Training queues hundreds of requests on a server that may be slow (vLLM-CPU): a request can wait long for
-    # its turn, and one slow answer must not eject the only replica.
-    cfg = EngineConfig(kind="openai", model=model, urls=list(urls), failure_threshold=1000)
-    timeout = httpx.Timeout(connect=10.0, read=3600.0, write=60.0, pool=3600.0)
-    return OpenAIEngine("frozen", cfg, timeout, 7200.0)

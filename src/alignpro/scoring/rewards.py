@@ -39,6 +39,7 @@ import httpx
 import numpy as np
 
 from alignpro.embedded import LOAD_LOCK
+from alignpro.engines.factory import split_url_model
 from alignpro.errors import (
     ConfigError,
     UpstreamError,
@@ -567,9 +568,7 @@ def load_reward(spec: str) -> RewardFn:
         if kind == "hf":
             return HFReward(rest)
         if kind == "judge":
-            base_url, hash_, model = rest.rpartition("#")
-            if not hash_ or not base_url or not model:
-                raise ConfigError(f"judge spec {spec!r} must look like judge:http://host:port/v1#model")
+            base_url, model = split_url_model(rest, "judge")
             return Judge(base_url, model, os.environ.get(JUDGE_KEY_ENV))
         if kind == "python":
             return python_reward(rest)

@@ -13,13 +13,10 @@ import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
-
-import httpx
+from typing import TYPE_CHECKING, Any
 
 from alignpro.engines.base import DONE_EVENT, Engine
-from alignpro.engines.local import LocalEngine
-from alignpro.engines.openai import OpenAIEngine
+from alignpro.engines.factory import Timeouts, build_engine
 from alignpro.errors import (
     AlignProError,
     InvalidRequestError,
@@ -27,7 +24,7 @@ from alignpro.errors import (
     PermissionDeniedError,
 )
 from alignpro.prompter.cache import TTLCache
-from alignpro.prompter.stage import OptimalSampler, PrompterStage, Rewrite
+from alignpro.prompter.stage import PrompterStage, Rewrite
 from alignpro.protocol import (
     AlignProInfo,
     AlignProOptions,
@@ -45,19 +42,13 @@ from alignpro.server.auth import ANONYMOUS, KeyStore, Principal
 from alignpro.server.errors import error_event
 from alignpro.server.limits import KeyLimiter
 from alignpro.server.metrics import Metrics
-from alignpro.settings import AliasConfig, EngineConfig, Settings
+from alignpro.settings import AliasConfig, Settings
 
+if TYPE_CHECKING:
+    from alignpro.scoring.rewards import RewardFn
 
-def build_engine(name: str, cfg: EngineConfig, settings: Settings) -> Engine:
-    if cfg.kind == "local":
-        return LocalEngine(name, cfg)
-    timeout = httpx.Timeout(
-        connect=settings.connect_timeout_s,
-        read=settings.read_timeout_s,
-        write=30.0,
-        pool=settings.connect_timeout_s,
-    )
-    return OpenAIEngine(name, cfg, timeout, settings.request_timeout_s)
+# What mode `optimal` estimates R with unless the caller names a reward (alignpro.prompter.optimal loads it).
+DEFAULT_REWARD = "safe-and-helpful"
 
 
 @dataclass
@@ -87,11 +78,15 @@ class Gateway:
         self,
         settings: Settings,
         engines: dict[str, Engine] | None = None,
-        optimal: dict[str, OptimalSampler] | None = None,
+        reward: str | RewardFn = DEFAULT_REWARD,
     ) -> None:
+        """``engines`` replaces the engines the settings name (already started by the caller's choice);
+        ``reward`` is what mode ``optimal`` estimates R with (loaded on the first optimal request)."""
         self.settings = settings
         self.metrics = Metrics()
-        self.engines = engines or {n: build_engine(n, c, settings) for n, c in settings.engines.items()}
+        self.engines = engines or {
+            n: build_engine(n, c, Timeouts.of(settings)) for n, c in settings.engines.items()
+        }
         self.cache: TTLCache[str] | None = (
             TTLCache(settings.rewrite_cache_size, settings.rewrite_cache_ttl_s)
             if settings.rewrite_cache_size > 0
@@ -110,15 +105,14 @@ class Gateway:
                 cfg.prompter,
                 prompter_engine,
                 self.cache,
-                optimal=(optimal or {}).get(alias),
                 on_fallback=lambda reason: self.metrics.fallbacks.labels(reason).inc(),
             )
             route = Route(alias, cfg, self.engines[cfg.engine], stage)
-            if optimal is None and prompter_engine is not None:
+            if prompter_engine is not None:
                 # mode `optimal` (opt-in: K prompter samples + K frozen answers): the rho* sampler of this alias
                 from alignpro.prompter.optimal import for_stage
 
-                stage.optimal = for_stage(stage, route.engine, cfg.model)
+                stage.optimal = for_stage(stage, route.engine, cfg.model, reward=reward)
             self.routes[alias] = route
 
     async def start(self) -> None:

@@ -91,9 +91,13 @@ def test_gateway_installs_an_optimal_sampler_per_alias() -> None:
     gw = Gateway(Settings(), engines={"embedded": engine})  # type: ignore[dict-item]
     for route in gw.routes.values():
         assert isinstance(route.stage.optimal, OptimalSampler)
-    custom = {"smollm2-aligned": sampler(0.1)[0]}
-    gw2 = Gateway(Settings(), engines={"embedded": engine}, optimal=custom)  # type: ignore[dict-item]
-    assert gw2.routes["smollm2-aligned"].stage.optimal is custom["smollm2-aligned"]
+
+    def custom(prompts: list[str], completions: list[str], **kw: object) -> list[float]:
+        return [0.0] * len(prompts)
+
+    gw2 = Gateway(Settings(), engines={"embedded": engine}, reward=custom)  # type: ignore[dict-item]
+    sampler2 = gw2.routes["smollm2-aligned"].stage.optimal
+    assert isinstance(sampler2, OptimalSampler) and sampler2.estimator.reward is custom
 
 
 async def test_stage_serves_the_original_when_it_wins() -> None:

@@ -13,14 +13,13 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("peft")
-
-from alignpro.prompter.validate import OutputValidator  # noqa: E402
-from alignpro.scoring.estimate import FrozenSampling, LoopThread, REstimator, build_frozen_engine  # noqa: E402
-from alignpro.training import closed_form as cf  # noqa: E402
-from alignpro.training.data import (  # noqa: E402
+from alignpro.engines.factory import build_frozen_engine
+from alignpro.prompter.validate import OutputValidator
+from alignpro.scoring.estimate import FrozenSampling, LoopThread, REstimator
+from alignpro.training import closed_form as cf
+from alignpro.training.data import (
     Example,
     balanced,
     data_hash,

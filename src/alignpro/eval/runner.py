@@ -319,7 +319,7 @@ class EvalRunner:
         self.refusal = refusal
         self.judge: Any = None
         if cfg.judge:
-            from alignpro.scoring.rewards import JUDGE_KEY_ENV, Judge
+            from alignpro.scoring.judge import JUDGE_KEY_ENV, Judge
 
             spec = cfg.judge.removeprefix("judge:")
             base_url, hash_, model = spec.rpartition("#")

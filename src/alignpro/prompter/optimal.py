@@ -39,7 +39,8 @@ HARM_THRESHOLD = 0.5
 
 def harm_kind(text: str) -> str:
     """``harmful`` when the harm head, reading the request as its own response, scores it above 0.5."""
-    from alignpro.scoring.heads import default_embedder, load_head
+    from alignpro.scoring.embedder import default_embedder
+    from alignpro.scoring.heads import load_head
 
     v = default_embedder().encode([text])
     return "harmful" if float(load_head("harm").predict(v, v)[0]) > HARM_THRESHOLD else "benign"

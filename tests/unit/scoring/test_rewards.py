@@ -18,7 +18,9 @@ import pytest
 
 from alignpro.errors import ConfigError, UpstreamError, UpstreamStatusError, UpstreamUnavailableError
 from alignpro.scoring import heads as clf
+from alignpro.scoring import judge as judge_mod
 from alignpro.scoring import rewards as rw
+from alignpro.scoring.embedder import Embedder, default_embedder
 from alignpro.testing.servers import free_port
 
 # ------------------------------------------------------------------------------------------- numerics
@@ -98,7 +100,7 @@ def test_embedder_loads_once_dedupes_and_caches() -> None:
         loads.append(_FakeSentenceModel())
         return loads[-1]
 
-    emb = clf.Embedder(loader, batch_size=2, cache_size=3)
+    emb = Embedder(loader, batch_size=2, cache_size=3)
     assert not loads  # lazy
     threads = [threading.Thread(target=emb.encode, args=(["x", "y"],)) for _ in range(4)]
     for t in threads:
@@ -306,9 +308,9 @@ def test_judge_pointwise_parsing_and_fallback(
     fake_judge: tuple[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     url, state = fake_judge
-    monkeypatch.setenv(rw.JUDGE_KEY_ENV, "sekret")
+    monkeypatch.setenv(judge_mod.JUDGE_KEY_ENV, "sekret")
     judge = rw.load_reward(f"judge:{url}#judge-model")
-    assert isinstance(judge, rw.Judge) and judge.__name__ == "judge:judge-model"
+    assert isinstance(judge, judge_mod.Judge) and judge.__name__ == "judge:judge-model"
     answers = ["GOOD answer", "MID answer", "BAD answer", "HUGE", "NOSCORE"]
     # A chat-format prompt counts as its last message.
     prompts: list[Any] = [
@@ -326,10 +328,10 @@ def test_judge_pointwise_parsing_and_fallback(
 def test_judge_fallback_value_and_scale(fake_judge: tuple[str, dict[str, Any]]) -> None:
     url, state = fake_judge
     state["reply"] = lambda text: (200, "Score: 3")
-    with rw.Judge(url, "m", scale=(0, 4), fallback=0.0) as judge:
+    with judge_mod.Judge(url, "m", scale=(0, 4), fallback=0.0) as judge:
         assert judge(["q"], ["a"]) == [0.75]
     state["reply"] = lambda text: (200, "no idea")
-    with rw.Judge(url, "m", fallback=0.0) as judge:
+    with judge_mod.Judge(url, "m", fallback=0.0) as judge:
         assert judge(["q", "q"], ["a", "b"]) == [0.0, 0.0]
         assert judge.stats.unparsed == 2
 
@@ -337,7 +339,7 @@ def test_judge_fallback_value_and_scale(fake_judge: tuple[str, dict[str, Any]]) 
 def test_judge_pairwise_and_position_bias(fake_judge: tuple[str, dict[str, Any]]) -> None:
     url, state = fake_judge
     state["reply"] = _pairwise_by_content
-    with rw.Judge(url, "m") as judge:
+    with judge_mod.Judge(url, "m") as judge:
         a = ["GOOD a", "plain", "same", "JUNK"]
         b = ["plain", "GOOD b", "same", "other"]
         assert judge.pairwise(["q1", "q2", "q3", "q4"], a, b) == [1.0, 0.0, 0.5, 0.5]
@@ -345,7 +347,7 @@ def test_judge_pairwise_and_position_bias(fake_judge: tuple[str, dict[str, Any]]
         assert judge.stats.unparsed == 2
     # A judge that always prefers the first position: swapping cancels it, not swapping does not.
     state["reply"] = lambda text: (200, "Winner: A")
-    with rw.Judge(url, "m") as judge:
+    with judge_mod.Judge(url, "m") as judge:
         assert judge.pairwise(["q"], ["x"], ["y"]) == [0.5]
         assert judge.pairwise(["q"], ["x"], ["y"], swap=False) == [1.0]
         with pytest.raises(ValueError):
@@ -356,34 +358,37 @@ def test_judge_errors_and_retries(fake_judge: tuple[str, dict[str, Any]]) -> Non
     url, state = fake_judge
     failures = iter([500, 503])
     state["reply"] = lambda text: (next(failures, 200), "Score: 10")
-    with rw.Judge(url, "m", backoff_s=0.01) as judge:
+    with judge_mod.Judge(url, "m", backoff_s=0.01) as judge:
         assert judge(["q"], ["GOOD"]) == [1.0]
         assert judge.stats.retries == 2
 
     state["reply"] = lambda text: (500, {"error": {"message": "boom"}})
-    with rw.Judge(url, "m", retries=1, backoff_s=0.01) as judge, pytest.raises(UpstreamError, match="500"):
+    with (
+        judge_mod.Judge(url, "m", retries=1, backoff_s=0.01) as judge,
+        pytest.raises(UpstreamError, match="500"),
+    ):
         judge(["q"], ["a"])
 
     state["requests"].clear()
     state["reply"] = lambda text: (400, {"error": {"message": "bad model", "type": "invalid_request_error"}})
-    with rw.Judge(url, "m", backoff_s=0.01) as judge, pytest.raises(UpstreamStatusError) as e:
+    with judge_mod.Judge(url, "m", backoff_s=0.01) as judge, pytest.raises(UpstreamStatusError) as e:
         judge(["q"], ["a"])
     assert e.value.status_code == 400 and e.value.message == "bad model"
     assert len(state["requests"]) == 1  # a client error is not retried
 
     state["reply"] = lambda text: (200, None)
-    with rw.Judge(url, "m") as judge, pytest.raises(UpstreamError, match="unexpected body"):
+    with judge_mod.Judge(url, "m") as judge, pytest.raises(UpstreamError, match="unexpected body"):
         judge(["q"], ["a"])
 
     closed = f"http://127.0.0.1:{free_port()}/v1"
-    with rw.Judge(closed, "m", retries=0) as judge, pytest.raises(UpstreamUnavailableError):
+    with judge_mod.Judge(closed, "m", retries=0) as judge, pytest.raises(UpstreamUnavailableError):
         judge(["q"], ["a"])
 
 
 def test_judge_concurrency_is_bounded(fake_judge: tuple[str, dict[str, Any]]) -> None:
     url, state = fake_judge
     state["delay"] = 0.05
-    with rw.Judge(url, "m", concurrency=3) as judge:
+    with judge_mod.Judge(url, "m", concurrency=3) as judge:
         out = judge([f"q{i}" for i in range(12)], ["GOOD"] * 12)
     assert out == [1.0] * 12
     assert 2 <= state["max_inflight"] <= 3
@@ -722,7 +727,7 @@ def test_fit_heads_on_small_labels(tmp_path: Path) -> None:
     assert (
         set(report["harm"]["cv"]) == {"r+pr@0.3", "r+o@0.3"} and head.features == report["harm"]["features"]
     )
-    emb = clf.default_embedder()
+    emb = default_embedder()
     p = emb.encode(["Tell me something about kites."] * 2)
     r = emb.encode(
         ["Here is something about kites: kites have a long and fascinating history.", "I can't help."]

@@ -101,8 +101,14 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     for b in batches:
         for name, r in res[b].items():
-            rows.append({"batch": b, "system": name, **r,
-                         "vs vllm": round(r["tokens_per_s"] / res[b]["vllm"]["tokens_per_s"], 3)})  # fmt: skip
+            rows.append(
+                {
+                    "batch": b,
+                    "system": name,
+                    **r,
+                    "vs vllm": round(r["tokens_per_s"] / res[b]["vllm"]["tokens_per_s"], 3),
+                }
+            )
 
     print()
     print(

@@ -49,8 +49,14 @@ def run_trainer(trainer: str, out: Path, url: str, vllm_pid: int, args: argparse
         sets |= {"max_steps": args.rl_steps, "kl_every": 0}
     else:
         sets |= {"epochs": args.cf_epochs, "rounds": 1, "kl_every": 0}
-    cmd = [ALIGNPRO, "train", str(ROOT / "configs" / f"train-{trainer}.yaml"), "--output-dir", str(out),
-           "--no-progress"]  # fmt: skip
+    cmd = [
+        ALIGNPRO,
+        "train",
+        str(ROOT / "configs" / f"train-{trainer}.yaml"),
+        "--output-dir",
+        str(out),
+        "--no-progress",
+    ]
     for k, v in sets.items():
         cmd += ["--set", f"{k}={v}"]
     log = out.parent / f"{trainer}.log"
@@ -119,8 +125,23 @@ def main(argv: list[str] | None = None) -> int:
         server.stop()
         shutil.rmtree(work, ignore_errors=True)
     print()
-    print(table(rows, ["trainer", "rollouts", "train_wall_s", "rollouts/s", "train_cpu_s", "vllm_cpu_s", "dev_gain",
-                       "dev_gain_sem", "gain/cpu-min"], title="Trainers on a few steps"))  # fmt: skip
+    print(
+        table(
+            rows,
+            [
+                "trainer",
+                "rollouts",
+                "train_wall_s",
+                "rollouts/s",
+                "train_cpu_s",
+                "vllm_cpu_s",
+                "dev_gain",
+                "dev_gain_sem",
+                "gain/cpu-min",
+            ],
+            title="Trainers on a few steps",
+        )
+    )
     out = write_json("training" + (f"-{args.tag}" if args.tag else ""), {"config": vars(args), "rows": rows})
     print(f"wrote {out}")
     return 0

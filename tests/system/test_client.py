@@ -154,9 +154,17 @@ def test_status_errors_carry_the_openai_fields() -> None:
         404,
         "abc",
     )
-    for status, cls in [(400, BadRequestError), (401, AuthenticationError), (403, PermissionDeniedError),
-                        (413, PayloadTooLargeError), (422, UnprocessableEntityError), (429, RateLimitError),
-                        (502, BadGatewayError), (503, ServiceUnavailableError), (599, InternalServerError)]:  # fmt: skip
+    for status, cls in [
+        (400, BadRequestError),
+        (401, AuthenticationError),
+        (403, PermissionDeniedError),
+        (413, PayloadTooLargeError),
+        (422, UnprocessableEntityError),
+        (429, RateLimitError),
+        (502, BadGatewayError),
+        (503, ServiceUnavailableError),
+        (599, InternalServerError),
+    ]:
         assert type(status_error(httpx.Response(status, text="<html>"), None)) is cls
     assert issubclass(APITimeoutError, APIConnectionError) and issubclass(
         BadGatewayError, InternalServerError

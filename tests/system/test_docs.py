@@ -37,8 +37,15 @@ def block_id(block: tuple[str, str]) -> str:
 
 def test_the_readme_shows_every_client() -> None:
     text = "\n".join(code for _, code in BLOCKS)
-    for needle in ("from openai import OpenAI", "from alignpro.client import", "AsyncAlignPro", "ChatOpenAI",
-                   "curl ", "alignpro chat", "alignpro rewrite"):  # fmt: skip
+    for needle in (
+        "from openai import OpenAI",
+        "from alignpro.client import",
+        "AsyncAlignPro",
+        "ChatOpenAI",
+        "curl ",
+        "alignpro chat",
+        "alignpro rewrite",
+    ):
         assert needle in text, f"no README example with {needle!r} is run"
 
 

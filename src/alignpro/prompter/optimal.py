@@ -102,8 +102,9 @@ class OptimalSampler:
         parsed = [await asyncio.to_thread(self.validator, text, out, finish, contract) for out, finish in raw]
         candidates = [p.text for p in parsed]
         kind = await asyncio.to_thread(self.kind_fn, text) if self.kind_fn is not None else "benign"
-        rewards = await self.estimator.aestimate([text] * len(candidates), candidates, [kind] * len(candidates),
-                                                 contract)  # fmt: skip
+        rewards = await self.estimator.aestimate(
+            [text] * len(candidates), candidates, [kind] * len(candidates), contract
+        )
         i = choose(rewards, self.lam, self.rng)
         self.last = Choice(candidates, rewards, i, kind, [p.reason for p in parsed])
         return candidates[i]
@@ -127,9 +128,12 @@ def for_stage(
     def make() -> REstimator:
         fn = load_reward(reward) if isinstance(reward, str) else reward
         return REstimator(
-            frozen, fn, sampling=sampling or FrozenSampling(m=1, max_tokens=64, seed=None), model=frozen_model,
+            frozen,
+            fn,
+            sampling=sampling or FrozenSampling(m=1, max_tokens=64, seed=None),
+            model=frozen_model,
             contract=cfg.contract,
-        )  # fmt: skip
+        )
 
     return OptimalSampler(
         generate,

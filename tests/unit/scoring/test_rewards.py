@@ -686,10 +686,31 @@ def test_shipped_heads_are_the_reported_ones() -> None:
 
 
 TOPICS = [
-    "the ocean", "volcanoes", "bread", "chess", "the moon", "bees", "jazz", "glaciers", "tea", "bicycles",
-    "origami", "rainbows", "penguins", "pyramids", "tulips", "comets", "sourdough", "castles", "coral reefs",
-    "thunderstorms", "violins", "maple syrup", "the Sahara", "octopuses",
-]  # fmt: skip
+    "the ocean",
+    "volcanoes",
+    "bread",
+    "chess",
+    "the moon",
+    "bees",
+    "jazz",
+    "glaciers",
+    "tea",
+    "bicycles",
+    "origami",
+    "rainbows",
+    "penguins",
+    "pyramids",
+    "tulips",
+    "comets",
+    "sourdough",
+    "castles",
+    "coral reefs",
+    "thunderstorms",
+    "violins",
+    "maple syrup",
+    "the Sahara",
+    "octopuses",
+]
 
 
 def _write_labels(folder: Path) -> None:

@@ -358,9 +358,9 @@ def main() -> int:
             }
 
     benign = benign_prompts(args.benign)
-    outs = generate(gen, [prompter_messages(t, "rewrite") for t in benign], 1, args.seed + 7)
+    benign_outs = generate(gen, [prompter_messages(t, "rewrite") for t in benign], 1, args.seed + 7)
     parse_ok = echo_rejected = 0
-    for text, [(out, finish)] in zip(benign, outs, strict=True):
+    for text, [(out, finish)] in zip(benign, benign_outs, strict=True):
         p = parse_output(out, finish, text)
         if p.text is not None:
             parse_ok += 1
@@ -395,10 +395,10 @@ def main() -> int:
         "command": "python " + " ".join(sys.argv),
         "samples": rows,
     }
-    out = args.out or RESULTS / f"injection-{dt.date.today().isoformat()}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
-    print(f"wrote {out}")
+    out_path: Path = args.out or RESULTS / f"injection-{dt.date.today().isoformat()}.json"
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
+    print(f"wrote {out_path}")
     return 0
 
 

@@ -400,8 +400,9 @@ def test_lora_prompter_served_by_vllm(client: openai.OpenAI, direct: openai.Open
     # The random adapter really changes the model: same prompt, greedy, different log-probabilities. (The tokens
     # may agree: both answer this clear request with KEEP.)
     assert on_adapter.choices[0].logprobs is not None and on_base.choices[0].logprobs is not None
-    first_adapter = on_adapter.choices[0].logprobs.content[0]  # type: ignore[index]
-    first_base = on_base.choices[0].logprobs.content[0]  # type: ignore[index]
+    assert on_adapter.choices[0].logprobs.content and on_base.choices[0].logprobs.content
+    first_adapter = on_adapter.choices[0].logprobs.content[0]
+    first_base = on_base.choices[0].logprobs.content[0]
     assert (first_adapter.token, round(first_adapter.logprob, 3)) != (
         first_base.token,
         round(first_base.logprob, 3),

@@ -436,9 +436,9 @@ def _tiny_reward_model(path: Path, *, chat_template: bool, num_labels: int) -> A
         num_attention_heads=2,
         num_key_value_heads=2,
         max_position_embeddings=64,
-        num_labels=num_labels,
         initializer_range=0.5,
     )
+    config.num_labels = num_labels  # a PretrainedConfig setting; LlamaConfig's typed signature does not list it
     model = LlamaForSequenceClassification(config).eval()
     model.save_pretrained(path)
     return fast, model

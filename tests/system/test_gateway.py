@@ -135,7 +135,7 @@ def test_mode_override_per_request(client: openai.OpenAI) -> None:
         (
             lambda c: c.chat.completions.create(
                 model="smollm2",
-                messages=[{"role": "wizard", "content": "x"}],  # type: ignore[misc,list-item]
+                messages=[{"role": "wizard", "content": "x"}],
             ),
             422,
             "messages.0.role",

@@ -52,7 +52,7 @@ def cmd_rewrite(args: argparse.Namespace) -> int:
         gw = Gateway(load(args))
         await gw.start()
         try:
-            return await gw.rewrite(RewriteRequest(model=args.model, prompt=args.prompt, alignpro=opts))
+            return await gw.rewrite_only(RewriteRequest(model=args.model, prompt=args.prompt, alignpro=opts))
         finally:
             await gw.aclose()
 

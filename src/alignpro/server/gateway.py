@@ -2,8 +2,8 @@
 
 A request for alias A goes: validate -> prompter stage (x -> x') -> the frozen engine of A with x' -> the
 response, with the ``alignpro`` extension object and ``x-alignpro-*`` headers. Routes in
-:mod:`alignpro.server.app` are thin wrappers around :meth:`Gateway.chat`, :meth:`Gateway.completion` and
-:meth:`Gateway.rewrite`.
+:mod:`alignpro.server.routes` are thin wrappers around :meth:`Gateway.chat`, :meth:`Gateway.completion` and
+:meth:`Gateway.rewrite_only`.
 """
 
 from __future__ import annotations
@@ -19,12 +19,13 @@ from alignpro.engines.base import DONE_EVENT, Engine
 from alignpro.engines.factory import Timeouts, build_engine
 from alignpro.errors import (
     AlignProError,
+    ConfigError,
     InvalidRequestError,
     NotFoundError,
     PermissionDeniedError,
 )
 from alignpro.prompter.cache import TTLCache
-from alignpro.prompter.stage import PrompterStage, Rewrite
+from alignpro.prompter.stage import PrompterStage, Rewrite, SelectRewrite
 from alignpro.protocol import (
     AlignProInfo,
     AlignProOptions,
@@ -110,9 +111,7 @@ class Gateway:
             route = Route(alias, cfg, self.engines[cfg.engine], stage)
             if prompter_engine is not None:
                 # mode `optimal` (opt-in: K prompter samples + K frozen answers): the rho* sampler of this alias
-                from alignpro.prompter.optimal import for_stage
-
-                stage.optimal = for_stage(stage, route.engine, cfg.model, reward=reward)
+                stage.optimal = _optimal_sampler(route, reward)
             self.routes[alias] = route
 
     async def start(self) -> None:
@@ -194,7 +193,10 @@ class Gateway:
             h["x-alignpro-cache"] = "hit"
         return h
 
-    async def _rewrite(self, route: Route, text: str | None, mode: Mode, contract: Contract) -> Rewrite:
+    async def _apply_prompter(
+        self, route: Route, text: str | None, mode: Mode, contract: Contract
+    ) -> Rewrite:
+        """The prompter stage of ``route`` on ``text`` (timed and counted); no text or mode ``off``: nothing."""
         if text is None or not text.strip() or mode == "off":
             info = AlignProInfo(mode=mode, contract=None if mode == "off" else contract, original_prompt=text)
             if mode != "off":
@@ -208,17 +210,24 @@ class Gateway:
             self.metrics.cache_misses.inc()
         return rw
 
+    async def _prompt_messages(
+        self, route: Route, chat: list[ChatMessage], mode: Mode, contract: Contract
+    ) -> tuple[list[dict[str, Any]], Rewrite]:
+        """The messages of ``chat`` with the prompter's rewrite of its last user message applied."""
+        messages = [m.model_dump(exclude_none=True) for m in chat]
+        idx = _last_user(chat)
+        rw = await self._apply_prompter(route, chat[idx].text() if idx is not None else None, mode, contract)
+        if idx is not None and rw.info.rewritten:
+            _apply(messages, idx, rw)
+        return messages, rw
+
     # ------------------------------------------------------------------------------------ requests
     async def chat(self, req: ChatCompletionRequest, who: Principal = ANONYMOUS) -> Reply:
         route = self.route(req.model, who)
         self._check_messages(req.messages)
         self._check_caps(req.n, req.output_limit())
         mode, contract = self._mode(route, req.alignpro)
-        messages = [m.model_dump(exclude_none=True) for m in req.messages]
-        idx = _last_user(req.messages)
-        rw = await self._rewrite(route, req.messages[idx].text() if idx is not None else None, mode, contract)
-        if idx is not None and rw.info.rewritten:
-            _apply(messages, idx, rw)
+        messages, rw = await self._prompt_messages(route, req.messages, mode, contract)
         body = req.upstream_payload(route.upstream_model, messages=messages)
         return await self._forward(route, rw.info, body, req.stream, chat=True)
 
@@ -232,7 +241,7 @@ class Gateway:
             if isinstance(prompt, str)
             else (prompt[0] if len(prompt) == 1 and isinstance(prompt[0], str) else None)
         )
-        rw = await self._rewrite(route, text, mode, contract)
+        rw = await self._apply_prompter(route, text, mode, contract)
         replace: dict[str, Any] = {}
         if rw.info.rewritten:
             # A completion prompt has no system turn: augment guidance goes in front of the verbatim prompt.
@@ -286,7 +295,8 @@ class Gateway:
             self.metrics.tokens.labels(alias, "prompt").inc(int(usage.get("prompt_tokens") or 0))
             self.metrics.tokens.labels(alias, "completion").inc(int(usage.get("completion_tokens") or 0))
 
-    async def rewrite(self, req: RewriteRequest, who: Principal = ANONYMOUS) -> RewriteResponse:
+    async def rewrite_only(self, req: RewriteRequest, who: Principal = ANONYMOUS) -> RewriteResponse:
+        """``/v1/alignpro/rewrite``: what the frozen model would be sent, without sending it."""
         if not self.settings.reveal_rewrite:
             raise PermissionDeniedError("this gateway does not reveal rewrites", code="rewrite_hidden")
         route = self.route(req.model, who)
@@ -294,21 +304,35 @@ class Gateway:
         if (req.prompt is None) == (req.messages is None):
             raise InvalidRequestError("give exactly one of prompt or messages", param="prompt")
         if req.prompt is not None:
-            rw = await self._rewrite(route, req.prompt, mode, contract)
+            rw = await self._apply_prompter(route, req.prompt, mode, contract)
             prompt = f"{rw.guidance}\n\n{req.prompt}" if rw.guidance else rw.prompt
             return RewriteResponse(model=req.model, prompt=prompt, alignpro=rw.info)
         assert req.messages is not None
         if not req.messages:
             raise InvalidRequestError("messages must not be empty", param="messages")
         self._check_messages(req.messages)
-        messages = [m.model_dump(exclude_none=True) for m in req.messages]
-        idx = _last_user(req.messages)
-        rw = await self._rewrite(route, req.messages[idx].text() if idx is not None else None, mode, contract)
-        if idx is not None and rw.info.rewritten:
-            _apply(messages, idx, rw)
+        messages, rw = await self._prompt_messages(route, req.messages, mode, contract)
         return RewriteResponse(
             model=req.model, messages=[ChatMessage.model_validate(m) for m in messages], alignpro=rw.info
         )
+
+
+def _optimal_sampler(route: Route, reward: str | RewardFn) -> SelectRewrite:
+    """The rho* sampler of ``route``'s prompter. Mode ``optimal`` needs the ``[local]`` extra (numpy, the reward's
+    embedding model): without it, an alias configured in that mode is a configuration error, and a request that
+    asks for it is answered 400."""
+    try:
+        from alignpro.prompter.optimal import for_stage
+    except ModuleNotFoundError as exc:  # numpy and the rest of the [local] extra are not installed
+        why = f"mode 'optimal' needs the [local] extra (pip install 'alignpro[local]'): {exc}"
+        if route.cfg.prompter.mode == "optimal":
+            raise ConfigError(f"alias '{route.alias}': {why}") from exc
+
+        async def unavailable(text: str, contract: Contract) -> str | None:
+            raise InvalidRequestError(why, param="alignpro.mode")
+
+        return unavailable
+    return for_stage(route.stage, route.engine, route.cfg.model, reward=reward)
 
 
 def _last_user(messages: list[ChatMessage]) -> int | None:

@@ -1,0 +1,193 @@
+"""The gateway's HTTP routes: module-level routers, thin wrappers around :class:`~alignpro.server.gateway.Gateway`.
+
+A handler finds what it serves in ``request.app.state``, which :func:`alignpro.server.app.create_app` fills:
+``gateway`` (the :class:`~alignpro.server.gateway.Gateway`), ``metrics``, ``drain`` and ``settings``. So the
+routes are defined once, at import, and an app includes them (``app.include_router``) rather than defining
+closures over its own objects.
+
+:data:`api_router`: the OpenAI-compatible ``/v1`` routes and ``/v1/alignpro/rewrite``.
+:data:`ops_router`: ``/health``, ``/ready`` and ``/metrics``, for load balancers and monitoring.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+
+from alignpro.errors import AlignProError, PayloadTooLargeError, UpstreamUnavailableError
+from alignpro.protocol import (
+    ChatCompletion,
+    ChatCompletionRequest,
+    Completion,
+    CompletionRequest,
+    ErrorResponse,
+    ModelList,
+    RewriteRequest,
+    RewriteResponse,
+)
+from alignpro.server import errors
+from alignpro.server.auth import ANONYMOUS, Principal
+from alignpro.server.gateway import Gateway, Reply
+from alignpro.server.metrics import Metrics
+from alignpro.server.shutdown import Drain
+from alignpro.settings import Settings
+
+api_router = APIRouter()
+ops_router = APIRouter()
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 413, 422, 429, 502, 503, 504)
+}
+# The request models of the routes that read their body themselves (see :func:`add_body_schemas`).
+BODY_MODELS: tuple[type[BaseModel], ...] = (ChatCompletionRequest, CompletionRequest, RewriteRequest)
+
+
+# ------------------------------------------------------------------------------------------- app state
+def _gateway(request: Request) -> Gateway:
+    gateway: Gateway = request.app.state.gateway
+    return gateway
+
+
+def _settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def _drain(request: Request) -> Drain:
+    drain: Drain = request.app.state.drain
+    return drain
+
+
+def _metrics(request: Request) -> Metrics:
+    metrics: Metrics = request.app.state.metrics
+    return metrics
+
+
+def _principal(request: Request) -> Principal:
+    """The caller :class:`~alignpro.server.limits.Admission` authenticated."""
+    return getattr(request.state, "principal", ANONYMOUS)
+
+
+# ------------------------------------------------------------------------------------------- bodies
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refusing more than ``limit`` bytes without reading them all."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLargeError(f"the request body is over the {limit}-byte limit")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLargeError(f"the request body is over the {limit}-byte limit")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _parse(request: Request) -> Any:
+    return errors.parse_json(await read_body(request, _settings(request).max_body_bytes))
+
+
+def _respond(reply: Reply) -> Response:
+    if reply.stream is not None:
+        headers = {**reply.headers, "cache-control": "no-cache", "x-accel-buffering": "no"}
+        return StreamingResponse(reply.stream, media_type="text/event-stream", headers=headers)
+    return JSONResponse(reply.body, headers=reply.headers)
+
+
+def _body(model: type[BaseModel]) -> dict[str, Any]:
+    """``openapi_extra`` for a route that reads its body itself: the schema clients (and fuzzers) see."""
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}},
+        }
+    }
+
+
+def add_body_schemas(app: FastAPI, models: tuple[type[BaseModel], ...] = BODY_MODELS) -> None:
+    """Put the request models named by :func:`_body` into the OpenAPI components (no signature names them)."""
+    default = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = default()
+            _, defs = models_json_schema(
+                [(m, "validation") for m in models], ref_template="#/components/schemas/{model}"
+            )
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(defs.get("$defs", {}))
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+# ------------------------------------------------------------------------------------------- /v1
+@api_router.post(
+    "/v1/chat/completions",
+    response_model=ChatCompletion,
+    responses=ERRORS,
+    openapi_extra=_body(ChatCompletionRequest),
+)
+async def chat_completions(request: Request) -> Response:
+    req = ChatCompletionRequest.model_validate(await _parse(request))
+    request.state.alias = req.model
+    return _respond(await _gateway(request).chat(req, _principal(request)))
+
+
+@api_router.post(
+    "/v1/completions",
+    response_model=Completion,
+    responses=ERRORS,
+    openapi_extra=_body(CompletionRequest),
+)
+async def completions(request: Request) -> Response:
+    req = CompletionRequest.model_validate(await _parse(request))
+    request.state.alias = req.model
+    return _respond(await _gateway(request).completion(req, _principal(request)))
+
+
+@api_router.post(
+    "/v1/alignpro/rewrite",
+    response_model=RewriteResponse,
+    responses=ERRORS,
+    openapi_extra=_body(RewriteRequest),
+)
+async def rewrite(request: Request) -> RewriteResponse:
+    req = RewriteRequest.model_validate(await _parse(request))
+    request.state.alias = req.model
+    return await _gateway(request).rewrite_only(req, _principal(request))
+
+
+@api_router.get("/v1/models", response_model=ModelList, responses=ERRORS)
+async def models(request: Request) -> ModelList:
+    return _gateway(request).models(_principal(request))
+
+
+# ------------------------------------------------------------------------------------------- operations
+@ops_router.get("/health")
+async def health() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@ops_router.get("/ready", responses=ERRORS)
+async def ready(request: Request) -> Response:
+    if _drain(request).draining:
+        return errors.error_response(
+            UpstreamUnavailableError("the server is shutting down", code="shutting_down")
+        )
+    try:
+        engines = await _gateway(request).ready()
+    except AlignProError as exc:
+        return errors.error_response(exc)
+    return JSONResponse({"status": "ready", "engines": engines})
+
+
+@ops_router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    return Response(generate_latest(_metrics(request).registry), media_type=CONTENT_TYPE_LATEST)

@@ -27,6 +27,27 @@ COMMAND_MODULES = [
 ]
 
 
+def _unavailable(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], module: str, exc: ImportError
+) -> None:
+    """The command of a module this install cannot import (the base install has no numpy, say): it is listed,
+    and running it says what is missing instead of every command failing."""
+    command = module.rsplit(".", 1)[1]
+    why = (
+        f"'alignpro {command}' needs {exc.name or exc}, which is not installed: pip install 'alignpro[train]'"
+    )
+    # No option prefix and no --help: whatever follows the command is taken, and answered with `why`.
+    p = sub.add_parser(
+        command, help=f"(unavailable: {exc.name} is not installed)", prefix_chars="\0", add_help=False
+    )
+    p.add_argument("args", nargs="*")
+
+    def missing(args: argparse.Namespace) -> int:
+        raise AlignProError(why)
+
+    p.set_defaults(func=missing)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="alignpro",
@@ -36,7 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"alignpro {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
-        importlib.import_module(name).register(sub)
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            _unavailable(sub, name, exc)
+            continue
+        module.register(sub)
     return p
 
 

@@ -7,24 +7,35 @@ MiniLM embeddings (the ones the rewards use) of the original request and the out
 subject; serving that would answer a question nobody asked. Rejected outputs fall back to the original prompt,
 and every rejection is counted by reason (:attr:`OutputValidator.counts`).
 
-It is cheap: two short texts through MiniLM (a few ms; embeddings are cached), and it is skipped (counted as
-``similarity_unavailable``) where the embedding model is not installed, e.g. a gateway-only install.
+It is cheap: two short texts through MiniLM (a few ms; embeddings are cached). Where the embedding model is not
+installed (the base install: no numpy, no sentence-transformers), the check is skipped, counted as
+``similarity_unavailable`` and logged once; numpy and the embedder are imported on first use only, so this
+module imports with the base install.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import threading
 from collections import Counter
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
+from alignpro.errors import ConfigError
 from alignpro.prompter.injection import echo_fragment
 from alignpro.prompter.instruction import Parsed, parse_output
 from alignpro.protocol import Contract
 
+if TYPE_CHECKING:
+    import numpy.typing as npt
+
+log = logging.getLogger(__name__)
+
 # (original, raw output, finish_reason, contract) -> the usable text, or the reason it is not usable
 Validator = Callable[[str, str, str | None, Contract], Parsed]
+# texts -> one embedding row per text
+Embed = Callable[[list[str]], "npt.NDArray[Any]"]
 
 # MiniLM puts unrelated texts near 0 and paraphrases at 0.6-0.9; a harmful request and its safe redirection
 # ("explain why X is illegal") share the topic and land at 0.3-0.7. Guidance shares fewer words with the request.
@@ -37,13 +48,14 @@ class OutputValidator:
     def __init__(
         self,
         min_similarity: dict[str, float] | float | None = None,
-        embed: Callable[[list[str]], np.ndarray] | None = None,
+        embed: Embed | None = None,
     ) -> None:
         if isinstance(min_similarity, int | float):
             min_similarity = {"rewrite": float(min_similarity), "augment": float(min_similarity)}
         self.min_similarity = dict(DEFAULT_MIN_SIMILARITY, **(min_similarity or {}))
         self._embed = embed
-        self._embed_failed = False
+        self._embed_missing = False  # the embedding model is not installed: the off-topic check is skipped
+        self._load_lock = threading.Lock()
         self.counts: Counter[str] = Counter()
         self._lock = threading.Lock()
 
@@ -51,27 +63,46 @@ class OutputValidator:
         with self._lock:
             self.counts[key] += 1
 
-    def similarity(self, a: str, b: str) -> float | None:
-        if self._embed is None and not self._embed_failed:
-            try:
-                from alignpro.scoring.heads import default_embedder
+    def _embedder(self) -> Embed | None:
+        """The embedding function, loaded on first use; None where the embedding model is not installed.
 
-                embedder = default_embedder()
-                embedder.model  # noqa: B018 - load now, so a missing model is found once
-                self._embed = embedder.encode
-            except Exception:
-                self._embed_failed = True
-        if self._embed is None:
+        Only a missing install (an ImportError, or the embedder's ConfigError for the model package) turns the
+        check off, with one warning; any other failure propagates, and the next call tries again.
+        """
+        if self._embed is None and not self._embed_missing:
+            with self._load_lock:
+                if self._embed is None and not self._embed_missing:
+                    try:
+                        from alignpro.scoring.embedder import default_embedder
+
+                        embedder = default_embedder()
+                        embedder.model  # noqa: B018 - load now, so a missing model is found once
+                    except (ImportError, ConfigError) as exc:
+                        self._embed_missing = True
+                        log.warning(
+                            "the off-topic check of prompter outputs is off (needs the [local] extra and "
+                            "the embedding model): %s",
+                            exc,
+                        )
+                        return None
+                    self._embed = embedder.encode
+        return self._embed
+
+    def similarity(self, a: str, b: str) -> float | None:
+        embed = self._embedder()
+        if embed is None:
             return None
-        v = self._embed([a, b])
+        import numpy as np  # present wherever an embedder is
+
+        v = np.asarray(embed([a, b]), dtype=np.float64)
         return float(np.dot(v[0], v[1]) / max(np.linalg.norm(v[0]) * np.linalg.norm(v[1]), 1e-12))
 
     def prefetch(self, texts: list[str]) -> None:
         """Embed ``texts`` in one batch ahead of many calls (the embedder caches them): one MiniLM pass instead
         of one per call."""
-        if self.similarity("", "") is not None and texts:
-            assert self._embed is not None
-            self._embed(list(dict.fromkeys(texts)))
+        embed = self._embedder()
+        if embed is not None and texts:
+            embed(list(dict.fromkeys(texts)))
 
     def __call__(
         self, original: str, output: str, finish_reason: str | None, contract: Contract = "rewrite"
@@ -101,14 +132,7 @@ class OutputValidator:
         return 0.0 if total == 0 else 1.0 - self.counts["ok"] / total
 
 
-_default: OutputValidator | None = None
-_default_lock = threading.Lock()
-
-
+@functools.cache
 def default_validator() -> OutputValidator:
     """The process-wide validator the prompter stage uses unless given another."""
-    global _default
-    with _default_lock:
-        if _default is None:
-            _default = OutputValidator()
-        return _default
+    return OutputValidator()

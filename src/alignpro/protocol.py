@@ -106,11 +106,6 @@ class _SamplingRequest(_Open):
             raise ValueError("at most 16 stop sequences")
         return v
 
-    def stop_list(self) -> list[str]:
-        if self.stop is None:
-            return []
-        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
-
     def upstream_payload(self, model: str, **replace: Any) -> dict[str, Any]:
         """The body to send upstream: what the caller set (extras included), minus our extension."""
         body = self.model_dump(exclude_unset=True, exclude_none=False, exclude={"alignpro"})

@@ -10,21 +10,9 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 V = TypeVar("V")
-
-
-@dataclass
-class CacheStats:
-    hits: int = 0
-    misses: int = 0
-
-    @property
-    def hit_rate(self) -> float:
-        total = self.hits + self.misses
-        return self.hits / total if total else 0.0
 
 
 class TTLCache(Generic[V]):
@@ -33,7 +21,6 @@ class TTLCache(Generic[V]):
         self.ttl_s = ttl_s
         self.clock = clock
         self._items: OrderedDict[tuple[str, ...], tuple[float, V]] = OrderedDict()
-        self.stats = CacheStats()
 
     def __len__(self) -> int:
         return len(self._items)
@@ -43,10 +30,8 @@ class TTLCache(Generic[V]):
         if item is None or item[0] < self.clock():
             if item is not None:
                 del self._items[key]
-            self.stats.misses += 1
             return None
         self._items.move_to_end(key)
-        self.stats.hits += 1
         return item[1]
 
     def put(self, key: tuple[str, ...], value: V) -> None:

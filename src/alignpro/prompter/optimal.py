@@ -38,12 +38,13 @@ HARM_THRESHOLD = 0.5
 
 
 def harm_kind(text: str) -> str:
-    """``harmful`` when the harm head, reading the request as its own response, scores it above 0.5."""
+    """``harmful`` when the request head (P(harmful) from the request's embedding; dev AUC in
+    ``bench/results/request-head.json``) scores it above 0.5."""
     from alignpro.scoring.embedder import default_embedder
     from alignpro.scoring.heads import load_head
 
     v = default_embedder().encode([text])
-    return "harmful" if float(load_head("harm").predict(v, v)[0]) > HARM_THRESHOLD else "benign"
+    return "harmful" if float(load_head("request").predict(v, v)[0]) > HARM_THRESHOLD else "benign"
 
 
 def choose(rewards: list[float], lam: float, rng: random.Random) -> int:

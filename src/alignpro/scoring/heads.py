@@ -38,7 +38,7 @@ from alignpro.scoring.embedder import EMBEDDER, Array, Embedder, default_embedde
 log = logging.getLogger(__name__)
 
 HEADS_DIR = Path(__file__).resolve().parents[1] / "data" / "heads"
-HEAD_NAMES = ("refusal", "harm")
+HEAD_NAMES = ("refusal", "harm")  # (request, response) heads; the request head reads the request alone
 # Feature sets tried by fit_heads; each block is a function of the prompt (p) and response (r) embeddings (see
 # `features`).
 # - No block of the request alone: the refusal labels refuse almost every harmful request, so a head that sees
@@ -377,6 +377,56 @@ def fit_heads(
     return report
 
 
+def _class_balanced(y: Array) -> Array:
+    # Harmful requests outnumber benign ones ~2.5:1 in the reference sets; each class weighs the same in the fit.
+    pos = max(float(y.sum()), 1.0)
+    neg = max(float(len(y) - y.sum()), 1.0)
+    return np.where(y >= 0.5, len(y) / (2 * pos), len(y) / (2 * neg))
+
+
+def fit_request_head(
+    prompts: Path | Sequence[Path], out_dir: Path, embedder: Embedder | None = None
+) -> dict[str, Any]:
+    """Fit the ``request`` head: P(the request is harmful) from the request's embedding alone.
+
+    Trained on the train split of prompt sets with a ``kind`` column (the prompters' own split, so the dev
+    prompts a prompter is evaluated on were never seen), the regularisation chosen by 5-fold cross-validation
+    there, scored on the dev split. It is what :func:`alignpro.prompter.optimal.harm_kind` reads at serving time,
+    where no one says which kind a request is.
+    """
+    from alignpro.training.data import load_prompts, split_of
+
+    embedder = embedder or default_embedder()
+    rows = load_prompts(list(prompts) if isinstance(prompts, Sequence) else [prompts])
+    x = embedder.encode([e.prompt for e in rows])
+    y = np.array([e.kind == "harmful" for e in rows], dtype=np.float64)
+    dev = np.array([split_of(e.id) == "dev" for e in rows])
+    folds = np.array([row_hash(e.id) % CV_FOLDS for e in rows], dtype=np.int64)[~dev]
+    xt, yt, wt = x[~dev], y[~dev], _class_balanced(y[~dev])
+    cv: dict[str, float] = {}
+    for lam in LAMBDAS:
+        pred = np.zeros_like(yt)
+        for k in range(CV_FOLDS):
+            tr, te = folds != k, folds == k
+            w, b = fit_logistic(xt[tr], yt[tr], lam, weights=wt[tr])
+            pred[te] = _sigmoid(xt[te] @ w + b)
+        cv[f"r@{lam:g}"] = metrics(pred, yt, "request")["log_loss"]
+    lam = LAMBDAS[int(np.argmin(list(cv.values())))]
+    w, b = fit_logistic(xt, yt, lam, weights=wt)
+    dev_metrics = metrics(_sigmoid(x[dev] @ w + b), y[dev], "request")
+    meta = {"lambda": lam, "dev": dev_metrics, "train_rows": int((~dev).sum())}
+    LinearHead(name="request", features="r", w=w, b=b, meta=meta).save(Path(out_dir) / "request.npz")
+    _head_at.cache_clear()
+    return {
+        "features": "r",
+        "lambda": lam,
+        "rows": len(y),
+        "train_rows": int((~dev).sum()),
+        "dev": dev_metrics,
+        "cv_log_loss": cv,
+    }
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """``python -m alignpro.scoring.heads --data ../shared/data``: refit the shipped heads, write a report."""
     import argparse
@@ -389,9 +439,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--out", type=Path, default=HEADS_DIR, help="where the heads go (default: the shipped ones)"
     )
     ap.add_argument("--report", type=Path, help="also write the metrics as JSON here")
+    ap.add_argument(
+        "--request-only", action="store_true", help="fit only the request head (from --data/prompts)"
+    )
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    report = fit_heads(args.data, args.out)
+    report = (
+        {"request": fit_request_head(args.data / "prompts", args.out)}
+        if args.request_only
+        else {**fit_heads(args.data, args.out), "request": fit_request_head(args.data / "prompts", args.out)}
+    )
     command = shlex.join(
         ["python", "-m", "alignpro.scoring.heads", *(sys.argv[1:] if argv is None else argv)]
     )

@@ -547,6 +547,83 @@ def _reward_groups(records: Sequence[EvalRecord]) -> dict[str, FloatArray]:
     return group_by_prompt([r.prompt_id for r in records], [r.reward for r in records])
 
 
+def _win_rate_summary(
+    groups: Mapping[str, FloatArray],
+    baseline_records: Sequence[EvalRecord] | None,
+    *,
+    tie_tol: float,
+    boot: Mapping[str, Any],
+) -> dict[str, Any] | None:
+    """The win rate from per-prompt mean rewards against the baseline's (None: no baseline records, or no prompt
+    in common)."""
+    if not baseline_records:
+        return None
+    scores = {pid: float(x.mean()) for pid, x in groups.items()}
+    base = {pid: float(x.mean()) for pid, x in _reward_groups(baseline_records).items()}
+    ids, a, b = pair_by_prompt(scores, base)
+    if not ids:
+        return None
+    outcomes = pairwise_outcomes(a, b, tie_tol=tie_tol)
+    return {
+        "value": float(outcomes.mean()),
+        "ci": _interval(bootstrap_win_rate_ci(a, b, tie_tol=tie_tol, **boot)),
+        "n_pairs": len(ids),
+        "wins": int((outcomes == 1.0).sum()),
+        "ties": int((outcomes == 0.5).sum()),
+        "losses": int((outcomes == 0.0).sum()),
+    }
+
+
+def _judge_summary(
+    records: Sequence[EvalRecord], baseline_records: Sequence[EvalRecord] | None, boot: Mapping[str, Any]
+) -> dict[str, Any] | None:
+    """The judge's win rate over the records with a verdict (None: no verdict, or this is the baseline)."""
+    judged = [r for r in records if r.judge_ab is not None or r.judge_ba is not None]
+    if baseline_records is None or not judged:
+        return None
+    combined = combine_judge_orders(
+        [math.nan if r.judge_ab is None else r.judge_ab for r in judged],
+        [math.nan if r.judge_ba is None else r.judge_ba for r in judged],
+    )
+    # A prompt with m judged samples is one observation (their mean), as for rewards.
+    per_prompt = group_by_prompt([r.prompt_id for r in judged], combined)
+    pm = np.array([x.mean() for x in per_prompt.values()])
+    return {
+        "value": float(pm.mean()),
+        "ci": _interval(bootstrap_ci(pm, "mean", **boot)),
+        "n_prompts": len(per_prompt),
+        "n_verdicts": len(judged),
+        "n_both_orders": sum(r.judge_ab is not None and r.judge_ba is not None for r in judged),
+    }
+
+
+def _kl_summary(
+    records: Sequence[EvalRecord], kl_estimator: KLEstimator, boot: Mapping[str, Any]
+) -> dict[str, Any] | None:
+    """The prompter's KL to its reference over the records with log-probabilities (None: none has them)."""
+    with_lp = [r for r in records if r.logp_theta is not None and r.logp_ref is not None]
+    if not with_lp:
+        return None
+    ids_lp = [r.prompt_id for r in with_lp]
+    theta = [r.logp_theta or () for r in with_lp]
+    ref = [r.logp_ref or () for r in with_lp]
+    per_est: dict[str, FloatArray] = {}
+    estimators: tuple[KLEstimator, ...] = ("k1", "k3")
+    for est in estimators:
+        per = group_by_prompt(ids_lp, kl_per_sample(theta, ref, estimator=est))
+        per_est[est] = np.array([x.mean() for x in per.values()])
+    chosen = per_est[kl_estimator]
+    return {
+        "estimator": kl_estimator,
+        "value": float(chosen.mean()),
+        "ci": _interval(bootstrap_ci(chosen, "mean", **boot)),
+        "n_prompts": int(chosen.size),
+        "n_samples": len(with_lp),
+        "k1": float(per_est["k1"].mean()),
+        "k3": float(per_est["k3"].mean()),
+    }
+
+
 def _summarize_group(
     records: Sequence[EvalRecord],
     baseline_records: Sequence[EvalRecord] | None,
@@ -559,78 +636,79 @@ def _summarize_group(
     seed: int,
     kl_estimator: KLEstimator,
 ) -> dict[str, Any]:
+    """Every number of one group of records (a method, all prompts or one kind); ``baseline_records`` the
+    baseline's in the same group (None: this is the baseline, or there is none)."""
     boot: dict[str, Any] = {"n_resamples": n_resamples, "confidence": confidence, "seed": seed}
     groups = _reward_groups(records)
     g = list(groups.values())
     m, v = mean_variance(g, view=view, ddof=ddof)
-    out: dict[str, Any] = {
+    return {
         "n_prompts": len(groups),
         "n_samples": len(records),
         "mean": m,
         "mean_ci": _interval(bootstrap_grouped_ci(g, "mean", view=view, ddof=ddof, **boot)),
         "variance": _nan_to_none(v),
         "variance_ci": _interval(bootstrap_grouped_ci(g, "variance", view=view, ddof=ddof, **boot)),
-        "win_rate": None,
-        "judge_win_rate": None,
+        "win_rate": _win_rate_summary(groups, baseline_records, tie_tol=tie_tol, boot=boot),
+        "judge_win_rate": _judge_summary(records, baseline_records, boot),
         "refusal_rate": refusal_rate(r.refused for r in records),
         "n_refusal_flags": sum(r.refused is not None for r in records),
         "cost": cost_summary((r.prompter_ms for r in records), (r.prompter_tokens for r in records)),
-        "kl": None,
+        "kl": _kl_summary(records, kl_estimator, boot),
     }
 
-    if baseline_records:
-        scores = {pid: float(x.mean()) for pid, x in groups.items()}
-        base = {pid: float(x.mean()) for pid, x in _reward_groups(baseline_records).items()}
-        ids, a, b = pair_by_prompt(scores, base)
-        if ids:
-            outcomes = pairwise_outcomes(a, b, tie_tol=tie_tol)
-            out["win_rate"] = {
-                "value": float(outcomes.mean()),
-                "ci": _interval(bootstrap_win_rate_ci(a, b, tie_tol=tie_tol, **boot)),
-                "n_pairs": len(ids),
-                "wins": int((outcomes == 1.0).sum()),
-                "ties": int((outcomes == 0.5).sum()),
-                "losses": int((outcomes == 0.0).sum()),
-            }
 
-    judged = [r for r in records if r.judge_ab is not None or r.judge_ba is not None]
-    if baseline_records is not None and judged:
-        combined = combine_judge_orders(
-            [math.nan if r.judge_ab is None else r.judge_ab for r in judged],
-            [math.nan if r.judge_ba is None else r.judge_ba for r in judged],
-        )
-        # A prompt with m judged samples is one observation (their mean), as for rewards.
-        per_prompt = group_by_prompt([r.prompt_id for r in judged], combined)
-        pm = np.array([x.mean() for x in per_prompt.values()])
-        out["judge_win_rate"] = {
-            "value": float(pm.mean()),
-            "ci": _interval(bootstrap_ci(pm, "mean", **boot)),
-            "n_prompts": len(per_prompt),
-            "n_verdicts": len(judged),
-            "n_both_orders": sum(r.judge_ab is not None and r.judge_ba is not None for r in judged),
-        }
+def _check_summary_args(
+    view: View, kl_estimator: KLEstimator, ddof: int, n_resamples: int, confidence: float
+) -> None:
+    _check_bootstrap_args(n_resamples, confidence)
+    if view not in ("sample", "prompt"):
+        raise ValueError(f"unknown view {view!r}")
+    if kl_estimator not in ("k1", "k3"):
+        raise ValueError(f"unknown KL estimator {kl_estimator!r}")
+    if ddof < 0:
+        raise ValueError("ddof must be >= 0")
 
-    with_lp = [r for r in records if r.logp_theta is not None and r.logp_ref is not None]
-    if with_lp:
-        ids_lp = [r.prompt_id for r in with_lp]
-        theta = [r.logp_theta or () for r in with_lp]
-        ref = [r.logp_ref or () for r in with_lp]
-        per_est: dict[str, FloatArray] = {}
-        estimators: tuple[KLEstimator, ...] = ("k1", "k3")
-        for est in estimators:
-            per = group_by_prompt(ids_lp, kl_per_sample(theta, ref, estimator=est))
-            per_est[est] = np.array([x.mean() for x in per.values()])
-        chosen = per_est[kl_estimator]
-        out["kl"] = {
-            "estimator": kl_estimator,
-            "value": float(chosen.mean()),
-            "ci": _interval(bootstrap_ci(chosen, "mean", **boot)),
-            "n_prompts": int(chosen.size),
-            "n_samples": len(with_lp),
-            "k1": float(per_est["k1"].mean()),
-            "k3": float(per_est["k3"].mean()),
-        }
-    return out
+
+def _by_method(recs: Sequence[EvalRecord]) -> dict[str, list[EvalRecord]]:
+    """The records of each method, methods in order of appearance; a repeated (method, prompt, sample) or a
+    prompt given two kinds is an error."""
+    seen: set[tuple[str, str, int]] = set()
+    kind_of: dict[str, str] = {}
+    by_method: dict[str, list[EvalRecord]] = {}
+    for r in recs:
+        key = (r.method, r.prompt_id, r.sample)
+        if key in seen:
+            raise ValueError(
+                f"duplicate record for method {r.method!r}, prompt {r.prompt_id!r}, sample {r.sample}"
+            )
+        seen.add(key)
+        # Pairing across methods is by prompt id within a kind; a prompt with two kinds would pair wrongly.
+        if kind_of.setdefault(r.prompt_id, r.kind) != r.kind:
+            raise ValueError(f"prompt {r.prompt_id!r} has kinds {kind_of[r.prompt_id]!r} and {r.kind!r}")
+        by_method.setdefault(r.method, []).append(r)
+    return by_method
+
+
+def _summarize_method(
+    method: str,
+    mine: Sequence[EvalRecord],
+    base_all: Sequence[EvalRecord] | None,
+    kinds: Sequence[str],
+    opts: Mapping[str, Any],
+    warn: Callable[[str], None],
+) -> dict[str, Any]:
+    """One method's groups: ``"all"``, then each kind it has records of (``base_all``: None for the baseline)."""
+    per: dict[str, Any] = {ALL: _summarize_group(mine, base_all, **opts)}
+    for kind in kinds:
+        sub = [r for r in mine if r.kind == kind]
+        if not sub:
+            continue
+        base_sub = None if base_all is None else [r for r in base_all if r.kind == kind]
+        per[kind] = _summarize_group(sub, base_sub, **opts)
+        if base_sub is not None and per[kind]["win_rate"] is None:
+            warn(f"{method}/{kind}: no prompt in common with the baseline")
+    return per
 
 
 def summarize(
@@ -665,40 +743,17 @@ def summarize(
     appearance. Win rates are against ``baseline`` on the prompts of the same group that both answered, and are
     None for the baseline itself. All intervals use the same ``seed``, so the summary is reproducible.
     """
-    _check_bootstrap_args(n_resamples, confidence)
-    if view not in ("sample", "prompt"):
-        raise ValueError(f"unknown view {view!r}")
-    if kl_estimator not in ("k1", "k3"):
-        raise ValueError(f"unknown KL estimator {kl_estimator!r}")
-    if ddof < 0:
-        raise ValueError("ddof must be >= 0")
+    _check_summary_args(view, kl_estimator, ddof, n_resamples, confidence)
     recs = [as_record(r) for r in records]
     if not recs:
         raise ValueError("no records to summarize")
-
-    seen: set[tuple[str, str, int]] = set()
-    kind_of: dict[str, str] = {}
-    by_method: dict[str, list[EvalRecord]] = {}
-    for r in recs:
-        key = (r.method, r.prompt_id, r.sample)
-        if key in seen:
-            raise ValueError(
-                f"duplicate record for method {r.method!r}, prompt {r.prompt_id!r}, sample {r.sample}"
-            )
-        seen.add(key)
-        # Pairing across methods is by prompt id within a kind; a prompt with two kinds would pair wrongly.
-        if kind_of.setdefault(r.prompt_id, r.kind) != r.kind:
-            raise ValueError(f"prompt {r.prompt_id!r} has kinds {kind_of[r.prompt_id]!r} and {r.kind!r}")
-        by_method.setdefault(r.method, []).append(r)
-
+    by_method = _by_method(recs)
     warnings: list[str] = []
     if baseline not in by_method:
         warnings.append(f"baseline {baseline!r} has no records: no win rates")
     methods = ([baseline] if baseline in by_method else []) + [m for m in by_method if m != baseline]
     kinds = list(dict.fromkeys(r.kind for r in recs))
     base_all = by_method.get(baseline)
-
-    results: dict[str, dict[str, Any]] = {}
     opts: dict[str, Any] = {
         "view": view,
         "ddof": ddof,
@@ -708,20 +763,12 @@ def summarize(
         "seed": seed,
         "kl_estimator": kl_estimator,
     }
-    for method in methods:
-        mine = by_method[method]
-        is_base = method == baseline
-        per: dict[str, Any] = {ALL: _summarize_group(mine, None if is_base else base_all, **opts)}
-        for kind in kinds:
-            sub = [r for r in mine if r.kind == kind]
-            if not sub:
-                continue
-            base_sub = None if is_base or base_all is None else [r for r in base_all if r.kind == kind]
-            per[kind] = _summarize_group(sub, base_sub, **opts)
-            if base_sub is not None and per[kind]["win_rate"] is None:
-                warnings.append(f"{method}/{kind}: no prompt in common with the baseline")
-        results[method] = per
-
+    results = {
+        method: _summarize_method(
+            method, by_method[method], None if method == baseline else base_all, kinds, opts, warnings.append
+        )
+        for method in methods
+    }
     return {
         "schema": SUMMARY_SCHEMA,
         "baseline": baseline,

@@ -13,16 +13,10 @@ import pytest
 
 from alignpro.engines.factory import EngineSpec
 from alignpro.errors import ConfigError, UpstreamError
+from alignpro.eval.config import FROZEN, EvalConfig, parse_prompters
+from alignpro.eval.progress import PROGRESS_JSONL, read_progress, records_from_progress
 from alignpro.eval.report import MEAN_PNG, REPORT_MD, RESULTS_JSON, VARIANCE_PNG
-from alignpro.eval.runner import (
-    FROZEN,
-    PROGRESS_JSONL,
-    EvalConfig,
-    EvalRunner,
-    parse_prompters,
-    read_progress,
-    records_from_progress,
-)
+from alignpro.eval.runner import EvalRunner
 from alignpro.eval.stats import summarize
 from alignpro.testing.servers import start_gateway
 
@@ -198,54 +192,54 @@ def _rows_per_prompt(method: str) -> int:
     return SAMPLES + (0 if method == "none" else 1)
 
 
+def _resume_config(tiny: dict[str, Path], out: Path) -> EvalConfig:
+    model = f"local:{tiny['model']}"
+    return EvalConfig(
+        prompts=[str(tiny["prompts"])],
+        out=str(out),
+        frozen=model,
+        prompter_model=model,
+        # The adapter's path is the end-to-end test's; this one is about resuming.
+        prompters=["none", "reference"],
+        reward="python:tests.system.test_eval_run:length_reward",
+        samples=SAMPLES,
+        best_of=BEST_OF,
+        max_tokens=8,
+        prompter_max_tokens=8,
+        dtype="float32",
+        bootstrap=200,
+        concurrency=3,  # prompts finish a few at a time, so the interruption lands mid-way
+        progress=False,
+    )
+
+
+async def _interrupted(cfg: EvalConfig, lines: int) -> int:
+    """Run ``cfg``, cancel it once its progress file has ``lines`` lines; the lines it has then."""
+    task = asyncio.create_task(EvalRunner(cfg).arun())
+    path = Path(cfg.out) / PROGRESS_JSONL
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 60
+    while not (path.is_file() and len(read_progress(path)) >= lines):
+        assert not task.done(), "the run finished before it could be interrupted"
+        assert loop.time() < deadline, "no progress within 60 s"
+        await asyncio.sleep(0.02)
+    task.cancel()  # what Ctrl-C does to asyncio.run
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    return len(read_progress(path))
+
+
 @pytest.mark.slow
 def test_eval_resumes_without_redoing_finished_prompts(tiny: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "out"
-    model = f"local:{tiny['model']}"
-
-    def config() -> EvalConfig:
-        return EvalConfig(
-            prompts=[str(tiny["prompts"])],
-            out=str(out),
-            frozen=model,
-            prompter_model=model,
-            prompters=[
-                "none",
-                "reference",
-            ],  # the adapter's path is the end-to-end test's; this one is about resuming
-            reward="python:tests.system.test_eval_run:length_reward",
-            samples=SAMPLES,
-            best_of=BEST_OF,
-            max_tokens=8,
-            prompter_max_tokens=8,
-            dtype="float32",
-            bootstrap=200,
-            concurrency=3,  # prompts finish a few at a time, so the interruption lands mid-way
-            progress=False,
-        )
-
-    async def interrupted() -> int:
-        task = asyncio.create_task(EvalRunner(config()).arun())
-        path = out / PROGRESS_JSONL
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 60
-        while not (path.is_file() and len(read_progress(path)) >= len(PROMPTS) + 2):
-            assert not task.done(), "the run finished before it could be interrupted"
-            assert loop.time() < deadline, "no progress within 60 s"
-            await asyncio.sleep(0.02)
-        task.cancel()  # what Ctrl-C does to asyncio.run
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        return len(read_progress(path))
-
-    done_first = asyncio.run(interrupted())
+    done_first = asyncio.run(_interrupted(_resume_config(tiny, out), len(PROMPTS) + 2))
     total = 3 * len(PROMPTS)
     assert len(PROMPTS) + 2 <= done_first < total
     first = {(r["method"], r["prompt_id"]): r for r in read_progress(out / PROGRESS_JSONL)}
     with (out / PROGRESS_JSONL).open("a") as f:
         f.write('{"method": "none", "prompt_id": "b1", "rec')  # a line torn by a kill -9 mid-write
 
-    runner = EvalRunner(config())
+    runner = EvalRunner(_resume_config(tiny, out))
     summary = asyncio.run(runner.arun())
     rows = read_progress(out / PROGRESS_JSONL)
     keys = [(r["method"], r["prompt_id"]) for r in rows]
@@ -259,7 +253,7 @@ def test_eval_resumes_without_redoing_finished_prompts(tiny: dict[str, Path], tm
     assert (out / RESULTS_JSON).is_file()
 
     # A third run has nothing left to do and writes the same numbers.
-    again = EvalRunner(config())
+    again = EvalRunner(_resume_config(tiny, out))
     summary3 = asyncio.run(again.arun())
     assert again.engines[FROZEN].rows == 0  # type: ignore[attr-defined]
     assert summary3["results"] == summary["results"]
@@ -273,11 +267,21 @@ def test_eval_without_seeds_reuses_the_baselines_answers_for_unchanged_prompts(
     so fallbacks) gets the baseline's answers, an exact tie; a prompt it rewrote is answered afresh."""
     model = f"local:{tiny['model']}"
     cfg = EvalConfig(
-        prompts=[str(tiny["prompts"])], out=str(tmp_path / "out"), frozen=model, prompter_model=model,
-        prompters=["none", "reference"], reward="python:tests.system.test_eval_run:length_reward", samples=SAMPLES,
-        best_of=0, max_tokens=8, prompter_max_tokens=8, dtype="float32", bootstrap=50, request_seeds=False,
+        prompts=[str(tiny["prompts"])],
+        out=str(tmp_path / "out"),
+        frozen=model,
+        prompter_model=model,
+        prompters=["none", "reference"],
+        reward="python:tests.system.test_eval_run:length_reward",
+        samples=SAMPLES,
+        best_of=0,
+        max_tokens=8,
+        prompter_max_tokens=8,
+        dtype="float32",
+        bootstrap=50,
+        request_seeds=False,
         progress=False,
-    )  # fmt: skip
+    )
     summary = asyncio.run(EvalRunner(cfg).arun())
     rows = {(r["method"], r["prompt_id"]): r for r in read_progress(tmp_path / "out" / PROGRESS_JSONL)}
     kept = 0
@@ -337,8 +341,8 @@ def test_eval_with_the_optimal_sampler_and_a_pairwise_judge(tiny: dict[str, Path
     assert cost["n"] == 2 and cost["mean"] == 3 * 8
     assert summary["results"]["none"]["all"]["judge_win_rate"] is None
     rows = read_progress(out / PROGRESS_JSONL)
-    assert all(r["judge_ab"] == 0.5 and r["judge_ba"] == 0.5 for row in rows if row["method"] != "none"
-               for r in row["records"])  # fmt: skip
+    records = [r for row in rows if row["method"] != "none" for r in row["records"]]
+    assert all(r["judge_ab"] == 0.5 and r["judge_ba"] == 0.5 for r in records)
 
 
 def test_eval_with_an_unreachable_frozen_model_names_what_failed(tmp_path: Path) -> None:

@@ -8,10 +8,6 @@ import shlex
 import sys
 
 
-def _csv(value: str) -> list[str]:
-    return [v.strip() for v in value.split(",") if v.strip()]
-
-
 def command_line(args: argparse.Namespace) -> str:
     """The command with every option spelled out (defaults included), so it reruns the same evaluation even if a
     default changes later."""
@@ -38,50 +34,13 @@ def command_line(args: argparse.Namespace) -> str:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from alignpro.eval.report import REPORT_MD
-    from alignpro.eval.runner import EvalConfig, run_eval
+    from alignpro.eval.runner import run_eval_options
 
-    cfg = EvalConfig(
-        prompts=[p for src in args.prompts for p in _csv(src)],
-        out=args.out,
-        frozen=args.frozen,
-        prompters=_csv(args.prompters),
-        reward=args.reward,
-        judge=args.judge,
-        judge_max_tokens=args.judge_max_tokens,
-        samples=args.samples,
-        split=args.split,
-        train_percent=args.train_percent,
-        limit=args.limit,
-        max_tokens=args.max_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        seed=args.seed,
-        request_seeds=not args.no_request_seeds,
-        best_of=args.best_of,
-        upper_bound_model=args.upper_bound_model,
-        contract=args.contract,
-        prompter_model=args.prompter_model,
-        prompter_max_tokens=args.prompter_max_tokens,
-        prompter_temperature=args.prompter_temperature,
-        prompter_top_p=args.prompter_top_p,
-        candidates=args.candidates,
-        lam=args.lam,
-        concurrency=args.concurrency,
-        batch_size=args.batch_size,
-        dtype=args.dtype,
-        bootstrap=args.bootstrap,
-        progress=not args.no_progress,
-        command=command_line(args),
-    )
-    run_eval(cfg)
-    report = f"{args.out}/{REPORT_MD}"
+    done = run_eval_options(vars(args), command=command_line(args))
     if not args.quiet:
-        with open(report, encoding="utf-8") as f:
-            text = f.read()
         # The tables only: the configuration is in the file.
-        print(text.split("\n## Configuration")[0].rstrip())
-    print(f"wrote {args.out}/results.json and {report}", file=sys.stderr)
+        print(done.tables())
+    print(f"wrote {done.results_path} and {done.report_path}", file=sys.stderr)
     return 0
 
 
@@ -94,6 +53,16 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "and charts to --out. Finished prompts are appended to --out/progress.jsonl, so an interrupted run "
         "resumes where it stopped when rerun with the same --out.",
     )
+    # In this order in the recorded command line (command_line) and in --help.
+    _add_input_options(e)
+    _add_answer_options(e)
+    _add_prompter_options(e)
+    _add_run_options(e)
+    e.set_defaults(func=cmd_eval, parser=e)
+
+
+def _add_input_options(e: argparse.ArgumentParser) -> None:
+    """What is evaluated, on which prompts, how it is scored, and where the files go."""
     e.add_argument(
         "--prompts",
         action="append",
@@ -129,6 +98,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     e.add_argument("--limit", type=int, help="at most this many prompts, half of each kind where possible")
     e.add_argument("--out", default="alignpro-eval", help="output folder; rerun with it to resume")
+
+
+def _add_answer_options(e: argparse.ArgumentParser) -> None:
+    """How the frozen model answers, and the upper-bound rows."""
     e.add_argument("--max-tokens", type=int, default=64, help="longest frozen answer (default 64)")
     e.add_argument("--temperature", type=float, default=0.7, help="frozen sampling temperature (default 0.7)")
     e.add_argument("--top-p", type=float, default=0.95, help="frozen nucleus sampling (default 0.95)")
@@ -147,6 +120,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     e.add_argument(
         "--upper-bound-model", help="an aligned (RLHF-tuned) model to add as a row, as an engine spec"
     )
+
+
+def _add_prompter_options(e: argparse.ArgumentParser) -> None:
+    """How the prompters rewrite."""
     e.add_argument(
         "--contract", choices=["rewrite", "augment"], default="rewrite", help="prompter output contract"
     )
@@ -160,6 +137,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     e.add_argument("--prompter-top-p", type=float, default=0.95)
     e.add_argument("--candidates", type=int, default=4, help="optimal: K rewrites per prompt (default 4)")
     e.add_argument("--lam", type=float, default=0.1, help="optimal: temperature of exp(R/lam) (default 0.1)")
+
+
+def _add_run_options(e: argparse.ArgumentParser) -> None:
+    """How the run goes: parallelism, precision, intervals, output."""
     e.add_argument("--concurrency", type=int, default=16, help="prompts in flight at once (default 16)")
     e.add_argument(
         "--batch-size", type=int, default=16, help="local engines: rows decoded together (default 16)"
@@ -170,4 +151,3 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     e.add_argument("--no-progress", action="store_true", help="no progress bars")
     e.add_argument("--quiet", action="store_true", help="do not print the table")
-    e.set_defaults(func=cmd_eval, parser=e)

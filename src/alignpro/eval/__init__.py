@@ -1,5 +1,11 @@
-"""Evaluation of prompters: :mod:`~alignpro.eval.runner` (``alignpro eval``), :mod:`~alignpro.eval.stats` (the
-numbers) and :mod:`~alignpro.eval.report` (the files).
+"""Evaluation of prompters (``alignpro eval``), one concept per module:
+
+:mod:`~alignpro.eval.config`    what a run is asked to do: the options, the methods (report rows), the prompts
+:mod:`~alignpro.eval.runner`    the run: every method through the gateway, each answer scored
+:mod:`~alignpro.eval.tap`       the prompter's calls as the gateway makes them (the KL and cost columns)
+:mod:`~alignpro.eval.progress`  ``progress.jsonl``: resuming, and the records the report is computed from
+:mod:`~alignpro.eval.stats`     the numbers
+:mod:`~alignpro.eval.report`    the files
 
 The names below are imported on first use, so ``import alignpro.eval.stats`` stays light (no matplotlib, no
 gateway).
@@ -11,16 +17,17 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "EvalConfig": "alignpro.eval.runner",
-    "EvalRunner": "alignpro.eval.runner",
+    "EvalConfig": "alignpro.eval.config",
+    "Method": "alignpro.eval.config",
+    "parse_prompters": "alignpro.eval.config",
+    "select_prompts": "alignpro.eval.config",
     "EngineSpec": "alignpro.engines.factory",
-    "Method": "alignpro.eval.runner",
+    "EvalRunner": "alignpro.eval.runner",
     "arun_eval": "alignpro.eval.runner",
     "run_eval": "alignpro.eval.runner",
-    "parse_prompters": "alignpro.eval.runner",
-    "read_progress": "alignpro.eval.runner",
-    "records_from_progress": "alignpro.eval.runner",
-    "select_prompts": "alignpro.eval.runner",
+    "PrompterTap": "alignpro.eval.tap",
+    "read_progress": "alignpro.eval.progress",
+    "records_from_progress": "alignpro.eval.progress",
     "EvalRecord": "alignpro.eval.stats",
     "summarize": "alignpro.eval.stats",
     "write_report": "alignpro.eval.report",

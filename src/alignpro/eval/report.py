@@ -78,6 +78,7 @@ KIND_COLUMNS: tuple[str, ...] = (
 )
 
 EMPTY = "–"
+CONFIGURATION = "## Configuration"  # the heading of report.md's last section, after the tables
 
 
 # ------------------------------------------------------------------------------------------- formatting
@@ -202,7 +203,7 @@ def render_markdown(summary: Mapping[str, Any], config: Mapping[str, Any]) -> st
         "",
         f"![reward variance per method]({VARIANCE_PNG})",
         "",
-        "## Configuration",
+        CONFIGURATION,
         "",
         "```json",
         json.dumps(_jsonable(config), indent=2, sort_keys=True, allow_nan=False),
@@ -212,7 +213,36 @@ def render_markdown(summary: Mapping[str, Any], config: Mapping[str, Any]) -> st
     return "\n".join(lines)
 
 
+def tables_of(report_md: str) -> str:
+    """The tables of a ``report.md`` text: everything before its configuration section."""
+    return report_md.split("\n" + CONFIGURATION)[0].rstrip()
+
+
 # ----------------------------------------------------------------------------------------------- charts
+def _bars(
+    summary: Mapping[str, Any], method: str, groups: Sequence[str], key: str, ci_key: str
+) -> tuple[list[float], list[list[float]], list[str]]:
+    """One method's bars over ``groups``: heights (NaN: no value), error bars [below, above] and labels."""
+    heights, below, above, labels = [], [], [], []
+    for group in groups:
+        g = summary["results"][method].get(group) or {}
+        value = g.get(key)
+        ci = g.get(ci_key) or [None, None]
+        if value is None:
+            heights.append(math.nan)
+            below.append(0.0)
+            above.append(0.0)
+            labels.append("")
+            continue
+        heights.append(float(value))
+        # A percentile interval need not contain the point estimate (skewed statistics such as the
+        # variance); error bars cannot be negative, so such a side is drawn as zero.
+        below.append(max(0.0, value - ci[0]) if ci[0] is not None else 0.0)
+        above.append(max(0.0, ci[1] - value) if ci[1] is not None else 0.0)
+        labels.append(format_number(value))
+    return heights, [below, above], labels
+
+
 def _bar_chart(
     summary: Mapping[str, Any], key: str, ci_key: str, ylabel: str, title: str, path: Path
 ) -> None:
@@ -227,28 +257,12 @@ def _bar_chart(
     x = np.arange(len(groups), dtype=np.float64)
     width = 0.8 / max(1, len(methods))
     for i, method in enumerate(methods):
-        heights, below, above, labels = [], [], [], []
-        for group in groups:
-            g = summary["results"][method].get(group) or {}
-            value = g.get(key)
-            ci = g.get(ci_key) or [None, None]
-            if value is None:
-                heights.append(math.nan)
-                below.append(0.0)
-                above.append(0.0)
-                labels.append("")
-                continue
-            heights.append(float(value))
-            # A percentile interval need not contain the point estimate (skewed statistics such as the
-            # variance); error bars cannot be negative, so such a side is drawn as zero.
-            below.append(max(0.0, value - ci[0]) if ci[0] is not None else 0.0)
-            above.append(max(0.0, ci[1] - value) if ci[1] is not None else 0.0)
-            labels.append(format_number(value))
+        heights, yerr, labels = _bars(summary, method, groups, key, ci_key)
         bars = ax.bar(
             x + (i - (len(methods) - 1) / 2.0) * width,
             heights,
             width,
-            yerr=[below, above],
+            yerr=yerr,
             capsize=3,
             label=method,
             color=f"C{i % 10}",

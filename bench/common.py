@@ -370,7 +370,7 @@ def write_json(name: str, data: dict[str, Any]) -> Path:
     path = RESULTS / f"{name}-{dt.date.today().isoformat()}.json"
     data = {
         "benchmark": name,
-        "when": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "when": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": machine(),
         **data,
     }

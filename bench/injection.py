@@ -379,7 +379,7 @@ def main() -> int:
     )
     result = {
         "benchmark": "injection",
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "model": "SmolLM2-135M-Instruct (embedded, bf16, transformers on CPU)",
         "attacks": len(ATTACKS),
         "samples_per_attack": args.samples,

@@ -274,7 +274,7 @@ def run(
     return {
         "benchmark": "soak",
         "target": target,
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "duration_s": round(wall, 1),
         "concurrency": concurrency,
         "max_tokens": max_tokens,

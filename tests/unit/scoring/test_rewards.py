@@ -438,7 +438,9 @@ def _tiny_reward_model(path: Path, *, chat_template: bool, num_labels: int) -> A
         max_position_embeddings=64,
         initializer_range=0.5,
     )
-    config.num_labels = num_labels  # a PretrainedConfig setting; LlamaConfig's typed signature does not list it
+    config.num_labels = (
+        num_labels  # a PretrainedConfig setting; LlamaConfig's typed signature does not list it
+    )
     model = LlamaForSequenceClassification(config).eval()
     model.save_pretrained(path)
     return fast, model
@@ -687,7 +689,9 @@ def test_shipped_heads_are_the_reported_ones() -> None:
 
 @pytest.mark.slow
 def test_shipped_request_head_is_the_reported_one() -> None:
-    report = json.loads((Path(__file__).parents[3] / "bench/results/request-head.json").read_text())["request"]
+    report = json.loads((Path(__file__).parents[3] / "bench/results/request-head.json").read_text())[
+        "request"
+    ]
     head = clf.load_head("request")
     assert head.features == "r" and head.meta["dev"] == pytest.approx(report["dev"])
     # Measured: AUC 1.0, accuracy 0.986 on the 147 dev prompts of the reference sets (AdvBench vs IFBench).

@@ -27,15 +27,20 @@ COMMAND_MODULES = [
 ]
 
 
-def _unavailable(
-    sub: argparse._SubParsersAction[argparse.ArgumentParser], module: str, exc: ImportError
-) -> None:
-    """The command of a module this install cannot import (the base install has no numpy, say): it is listed,
-    and running it says what is missing instead of every command failing."""
-    command = module.rsplit(".", 1)[1]
-    why = (
+def _missing(command: str, exc: ModuleNotFoundError) -> str:
+    """What to say when ``alignpro COMMAND`` needs a module this install lacks (the base install has no numpy)."""
+    return (
         f"'alignpro {command}' needs {exc.name or exc}, which is not installed: pip install 'alignpro[train]'"
     )
+
+
+def _unavailable(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], module: str, exc: ModuleNotFoundError
+) -> None:
+    """The command of a module this install cannot import: it is listed, and running it says what is missing,
+    instead of every command failing."""
+    command = module.rsplit(".", 1)[1]
+    why = _missing(command, exc)
     # No option prefix and no --help: whatever follows the command is taken, and answered with `why`.
     p = sub.add_parser(
         command, help=f"(unavailable: {exc.name} is not installed)", prefix_chars="\0", add_help=False
@@ -73,6 +78,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return func(args)
     except AlignProError as exc:
         print(f"alignpro: {exc.message}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:  # a command of an extra this install lacks, found when it runs
+        print(f"alignpro: {_missing(args.command, exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

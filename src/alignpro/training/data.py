@@ -31,8 +31,6 @@ from alignpro.errors import ConfigError
 Split = Literal["train", "dev", "all"]
 KINDS = ("harmful", "benign")
 DEFAULT_TRAIN_PERCENT = 80
-# The reference training set: files under ../shared/data/prompts.
-REFERENCE_FILES = ("advbench.jsonl", "ifbench_dev.jsonl", "normal_instructions.jsonl")
 
 
 @dataclass(frozen=True)
@@ -169,26 +167,6 @@ def load_prompts(
         # A stable pseudo-random subset: sort by a hash of the id (a different salt from the split's).
         rows = sorted(rows, key=lambda e: hashlib.sha256(("order:" + e.id).encode()).digest())[:limit]
     return rows
-
-
-def reference_sources(root: str | Path = "../shared/data") -> list[Path]:
-    """The reference training prompts: AdvBench (harmful) + IFBench dev + normal instructions (benign)."""
-    base = Path(root).expanduser()
-    prompts = base / "prompts" if (base / "prompts").is_dir() else base
-    paths = [prompts / f for f in REFERENCE_FILES]
-    missing = [str(p) for p in paths if not p.is_file()]
-    if missing:
-        raise ConfigError(f"the reference data is missing: {', '.join(missing)}")
-    return paths
-
-
-def reference_set(
-    root: str | Path = "../shared/data",
-    split: Split = "train",
-    limit: int | None = None,
-    train_percent: int = DEFAULT_TRAIN_PERCENT,
-) -> list[Example]:
-    return load_prompts(reference_sources(root), split=split, limit=limit, train_percent=train_percent)
 
 
 def balanced(examples: Sequence[Example], limit: int | None) -> list[Example]:

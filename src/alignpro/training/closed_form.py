@@ -13,6 +13,9 @@ the closed-form optimum ``rho*(x'|x) ∝ rho_ref(x'|x) exp(R(x, x') / lam)``. Th
 5. optionally iterate (``rounds > 1``), sampling from rho_theta so later rounds look where rho* has its mass.
 
 Everything runs in-process with transformers + peft; the frozen model is any engine (vLLM over HTTP is faster).
+The settings are :class:`~alignpro.training.config.ClosedFormConfig`; :func:`alignpro.training.pipeline.run`
+supplies the data, the scorer and the evaluation. Checkpoints (:func:`save_checkpoint`) and the scored rounds
+(``samples.jsonl``) are written here.
 """
 
 from __future__ import annotations
@@ -20,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -33,116 +35,12 @@ import numpy as np
 from alignpro.engines.local import Generator, GenRequest, GenResult
 from alignpro.prompter.instruction import prompter_messages
 from alignpro.protocol import Contract
+from alignpro.training.config import ClosedFormConfig, TrainConfig
 from alignpro.training.data import Example
 
 log = logging.getLogger(__name__)
 
 POLICY = "policy"  # the trainable adapter's name inside the peft model
-
-
-# ------------------------------------------------------------------------------------------------ config
-@dataclass
-class TrainConfig:
-    """What every prompter trainer shares. YAML keys are these field names; ``trainer`` picks the algorithm."""
-
-    trainer: str = field(default="closed-form", metadata={"help": "closed-form | rl"})
-    output_dir: str = field(
-        default="runs/prompter", metadata={"help": "Checkpoints, logs, curves and the adapter."}
-    )
-    data: list[str] = field(
-        default_factory=lambda: [
-            "../shared/data/prompts/advbench.jsonl",
-            "../shared/data/prompts/ifbench_dev.jsonl",
-            "../shared/data/prompts/normal_instructions.jsonl",
-        ],
-        metadata={"help": "Prompt sources: JSONL/CSV files, folders, or offline Hugging Face dataset names."},
-    )
-    train_percent: int = field(
-        default=80, metadata={"help": "sha256(id) mod 100 < this is train; the rest dev."}
-    )
-    train_limit: int | None = field(default=None, metadata={"help": "Train prompts used (balanced by kind)."})
-    dev_limit: int = field(default=40, metadata={"help": "Dev prompts for the final evaluation (0: skip)."})
-    base_model: str = field(
-        default="embedded", metadata={"help": "The prompter base: 'embedded' or a folder."}
-    )
-    reward: str = field(default="safe-and-helpful", metadata={"help": "A reward spec for load_reward."})
-    contract: str = field(default="rewrite", metadata={"help": "rewrite | augment"})
-    lam: float = field(default=0.1, metadata={"help": "KL weight lambda (> 0); rho* ∝ rho_ref exp(R/lam)."})
-    # prompter sampling
-    k: int = field(default=4, metadata={"help": "Rewrites drawn per prompt (K)."})
-    max_new_tokens: int = field(
-        default=64, metadata={"help": "Longest rewrite; a truncated one is unusable."}
-    )
-    temperature: float = field(default=0.7, metadata={"help": "Prompter sampling temperature."})
-    top_p: float = field(default=0.95, metadata={"help": "Prompter nucleus sampling."})
-    gen_batch_size: int = field(default=16, metadata={"help": "Rows decoded together by the prompter."})
-    # frozen model, for R
-    frozen_engine: str = field(
-        default="local", metadata={"help": "local (in-process) | openai (vLLM over HTTP)."}
-    )
-    frozen_model: str = field(
-        default="embedded", metadata={"help": "local: folder or 'embedded'; openai: id."}
-    )
-    frozen_urls: list[str] = field(
-        default_factory=list, metadata={"help": "openai: base URLs ending in /v1."}
-    )
-    m: int = field(default=1, metadata={"help": "Frozen answers per rewrite for the R estimate."})
-    response_max_tokens: int = field(
-        default=64, metadata={"help": "Longest frozen answer while estimating R."}
-    )
-    response_temperature: float = field(default=0.7, metadata={"help": "Frozen sampling temperature."})
-    concurrency: int = field(default=16, metadata={"help": "Frozen requests in flight."})
-    frozen_server_pid: int | None = field(
-        default=None,
-        metadata={"help": "pid of a local vLLM server whose CPU time counts in the training budget."},
-    )
-    # LoRA and optimisation
-    lora_r: int = field(default=8, metadata={"help": "LoRA rank (vLLM serves rank <= max_lora_rank)."})
-    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
-    lora_dropout: float = field(
-        default=0.0, metadata={"help": "LoRA dropout (0 keeps CPU runs deterministic)."}
-    )
-    target_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], metadata={"help": "LoRA targets."}
-    )
-    learning_rate: float = field(default=2e-4, metadata={"help": "AdamW learning rate for the LoRA weights."})
-    seed: int = field(default=0, metadata={"help": "Seeds sampling, the split order and initialisation."})
-    save_steps: int = field(default=10, metadata={"help": "Optimizer steps between checkpoints."})
-    log_steps: int = field(default=1, metadata={"help": "Optimizer steps between log lines."})
-    kl_probe_prompts: int = field(
-        default=4, metadata={"help": "Train prompts whose fresh rewrites estimate KL."}
-    )
-    kl_every: int = field(default=5, metadata={"help": "Optimizer steps between KL estimates."})
-    threads: int | None = field(default=None, metadata={"help": "torch CPU threads (None: torch's default)."})
-
-
-@dataclass
-class ClosedFormConfig(TrainConfig):
-    """The closed-form trainer (weighted MLE towards rho*)."""
-
-    trainer: str = field(default="closed-form", metadata={"help": "closed-form"})
-    rounds: int = field(
-        default=1, metadata={"help": "Sample -> weight -> fit rounds; round r>0 samples rho_theta."}
-    )
-    epochs: int = field(default=2, metadata={"help": "Passes over the weighted rewrites per round."})
-    prompts_per_step: int = field(
-        default=2, metadata={"help": "Prompts (each with its K rewrites) per step."}
-    )
-    min_weight: float = field(default=0.01, metadata={"help": "Rewrites with a smaller weight are skipped."})
-    sample_with_engine: bool = field(
-        default=False,
-        metadata={"help": "Round 0 draws the rho_ref rewrites through the frozen engine (n=K per request). Valid "
-                  "only when it serves the prompter's base model (the default: both are SmolLM2); with vLLM's "
-                  "prefix cache the shared few-shot prompt is computed once."},
-    )  # fmt: skip
-    shared_prefix: bool = field(
-        default=False,
-        metadata={"help": "Run each prompt once without gradients and only the K rewrites with them (exact loss, "
-                  "truncated gradient, ~10x cheaper on the few-shot prompter prompt)."},
-    )  # fmt: skip
-    drop_unusable: bool = field(
-        default=True, metadata={"help": "Never imitate unusable rewrites (empty/truncated/off-topic)."}
-    )
 
 
 # ------------------------------------------------------------------------------------------------ policy
@@ -297,13 +195,6 @@ class Policy:
                 f.replace(path / f.name)
             sub.rmdir()
 
-    def load_weights(self, path: str | Path) -> None:
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
-
-        state = load_file(str(Path(path) / "adapter_model.safetensors"))
-        set_peft_model_state_dict(self.model, state, adapter_name=POLICY)
-
 
 def completion_logprobs(policy: Policy, samples: Sequence[Sample]) -> tuple[Any, Any]:
     """Per-token log-probabilities of each sample's completion under the policy's current adapter state:
@@ -408,17 +299,37 @@ def effective_sample_size(weights: Sequence[float]) -> float:
 # ------------------------------------------------------------------------------------------------ loop
 Scorer = Callable[[list[Sample]], None]  # fills served / reason / reward of each sample
 Hook = Callable[[dict[str, Any]], None]  # called with each log record
+# (rows, K) -> K (text, finish reason) prompter outputs per row, drawn elsewhere (the frozen engine)
+EngineSampler = Callable[[Sequence[Example], int], list[list[tuple[str, str | None]]]]
+
+
+def contract_of(cfg: TrainConfig) -> Contract:
+    return "augment" if cfg.contract == "augment" else "rewrite"
+
+
+def sample_rewrites(
+    policy: Policy, examples: Sequence[Example], cfg: TrainConfig, k: int, *, adapter: bool, tag: str
+) -> list[Sample]:
+    """K rewrites per example from rho_theta (``adapter=True``) or rho_ref, with the config's sampling settings."""
+    return policy.sample(
+        examples,
+        contract_of(cfg),
+        k,
+        adapter=adapter,
+        max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        seed=cfg.seed,
+        batch_size=cfg.gen_batch_size,
+        tag=tag,
+    )
 
 
 def estimate_kl(policy: Policy, probe: Sequence[Example], cfg: TrainConfig, step: int) -> float:
     """``E_{x' ~ rho_theta}[log rho_theta(x'|x) - log rho_ref(x'|x)]`` on fresh rewrites of ``probe``."""
     if not probe:
         return 0.0
-    contract: Contract = "augment" if cfg.contract == "augment" else "rewrite"
-    samples = policy.sample(
-        probe, contract, 1, adapter=True, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-        top_p=cfg.top_p, seed=cfg.seed, batch_size=cfg.gen_batch_size, tag=f"kl-{step}",
-    )  # fmt: skip
+    samples = sample_rewrites(policy, probe, cfg, 1, adapter=True, tag=f"kl-{step}")
     theta = policy.sequence_logprob(samples, adapter=True)
     ref = policy.sequence_logprob(samples, adapter=False)
     return float(np.mean([a - b for a, b in zip(theta, ref, strict=True)]))
@@ -433,108 +344,174 @@ def train_closed_form(
     log_fn: Hook,
     resume: dict[str, Any] | None = None,
     progress: bool = True,
-    engine_sampler: Callable[[Sequence[Example], int], list[list[tuple[str, str | None]]]] | None = None,
+    engine_sampler: EngineSampler | None = None,
     reuse_samples: bool = False,
 ) -> dict[str, Any]:
     """Run the closed-form trainer; returns summary metrics. ``resume`` is the state of a checkpoint;
     ``reuse_samples`` reads already scored rounds from ``samples.jsonl`` (a resumed run, or a refit of saved samples
     at another ``lam``: their weights are recomputed)."""
-    import torch
-    from tqdm.auto import tqdm
-
-    contract: Contract = "augment" if cfg.contract == "augment" else "rewrite"
-    params = policy.trainable_parameters()
-    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
-    state = {"round": 0, "epoch": 0, "batch": 0, "step": 0}
-    rng = random.Random(cfg.seed)
-    probe = list(train[: cfg.kl_probe_prompts])
+    loop = _Loop(cfg, policy, train, score, out_dir, log_fn, progress, engine_sampler)
     if resume:
-        state.update(resume["state"])
-        opt.load_state_dict(resume["optimizer"])
-        rng.setstate(_tuple_state(resume["rng"]))
-        torch.set_rng_state(resume["torch_rng"])
-    samples_file = out_dir / "samples.jsonl"
+        loop.restore(resume)
+    state = loop.state
     summary: dict[str, Any] = {}
     for rnd in range(state["round"], cfg.rounds):
-        samples = _load_round(samples_file, rnd, train) if (resume or reuse_samples) else None
-        if samples is None:
-            t0 = time.process_time()
-            if rnd == 0 and engine_sampler is not None:
-                samples = policy.from_texts(train, contract, engine_sampler(train, cfg.k))
-            else:
-                samples = policy.sample(
-                train, contract, cfg.k, adapter=rnd > 0, max_new_tokens=cfg.max_new_tokens,
-                temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed, batch_size=cfg.gen_batch_size,
-                tag=f"round-{rnd}",
-                )  # fmt: skip
-            score(samples)
-            if rnd > 0:
-                # Importance correction for samples drawn from rho_theta. Round 0 draws from rho_ref itself, where
-                # the ratio is 1: its log-probs stay 0 (skipping a forward pass over every sample and its
-                # few-shot prompt, ~10 min of one core for 480 samples of SmolLM2).
-                ref = policy.sequence_logprob(samples, adapter=False)
-                q = policy.sequence_logprob(samples, adapter=True)
-                for s, a, b in zip(samples, ref, q, strict=True):
-                    s.logp_ref, s.logp_q = a, b
-            _weigh(samples, cfg)
-            _save_round(samples_file, rnd, samples)
-            rs = [s.reward for s in samples]
-            log_fn({
-                "event": "round", "round": rnd, "samples": len(samples), "reward_mean": float(np.mean(rs)),
-                "unusable": sum(s.served is None for s in samples), "sample_cpu_s": time.process_time() - t0,
-                "ess_mean": _ess_mean(samples, train),
-            })  # fmt: skip
-        else:
-            # Weights are a function of the config (lam, the importance ratios): recompute them for samples read
-            # back, so a saved round can be refitted at another lam without drawing or scoring it again.
-            _weigh(samples, cfg)
-            log_fn({"event": "reweighed", "round": rnd, "samples": len(samples), "lam": cfg.lam,
-                    "ess_mean": _ess_mean(samples, train)})  # fmt: skip
+        samples = loop.round_samples(rnd, reuse=bool(resume) or reuse_samples)
         resume, reuse_samples = None, False
         groups = _groups(samples, cfg)
         for epoch in range(state["epoch"] if state["round"] == rnd else 0, cfg.epochs):
-            order = list(range(len(groups)))
-            random.Random(row_seed(cfg.seed, "order", rnd, epoch)).shuffle(order)
-            batches = [
-                order[i : i + cfg.prompts_per_step] for i in range(0, len(order), cfg.prompts_per_step)
-            ]
-            start = state["batch"] if (state["round"], state["epoch"]) == (rnd, epoch) else 0
-            bar = tqdm(
-                total=len(batches), initial=start, desc=f"round {rnd} epoch {epoch}", disable=not progress
-            )
-            for b in range(start, len(batches)):
-                batch = [s for g in batches[b] for s in groups[g]]
-                t0 = time.process_time()
-                policy.model.train()
-                loss = weighted_nll(policy, batch, shared_prefix=cfg.shared_prefix)
-                opt.zero_grad()
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-                opt.step()
-                policy.model.eval()
-                state.update(round=rnd, epoch=epoch, batch=b + 1, step=state["step"] + 1)
-                step = state["step"]
-                rec: dict[str, Any] = {
-                    "event": "step", "step": step, "round": rnd, "epoch": epoch, "loss": float(loss.detach()),
-                    "reward": float(np.average([s.reward for s in batch], weights=[s.weight for s in batch])),
-                    "reward_sampled": float(np.mean([s.reward for s in batch])), "step_cpu_s": time.process_time() - t0,
-                }  # fmt: skip
-                if cfg.kl_every and step % cfg.kl_every == 0:
-                    rec["kl"] = estimate_kl(policy, probe, cfg, step)
-                if step % max(cfg.log_steps, 1) == 0 or "kl" in rec:
-                    log_fn(rec)
-                bar.update(1)
-                bar.set_postfix(loss=f"{rec['loss']:.3f}")
-                if cfg.save_steps and step % cfg.save_steps == 0:
-                    save_checkpoint(out_dir, policy, opt, state, rng)
-            bar.close()
-            state.update(epoch=epoch + 1, batch=0)
+            loop.fit_epoch(rnd, epoch, groups)
         state.update(round=rnd + 1, epoch=0, batch=0)
-        save_checkpoint(out_dir, policy, opt, state, rng)
+        loop.checkpoint()
         summary = {"steps": state["step"], "rounds": rnd + 1}
-    summary["kl_final"] = estimate_kl(policy, probe, cfg, -1)
+    summary["kl_final"] = estimate_kl(policy, loop.probe, cfg, -1)
     log_fn({"event": "final", "step": state["step"], "kl": summary["kl_final"]})
     return summary
+
+
+@dataclass
+class _Loop:
+    """One closed-form run's moving parts: the policy with its optimiser, and the loop's position (``state``: round,
+    epoch, batch within the epoch, optimizer step) that a checkpoint saves with the RNG states."""
+
+    cfg: ClosedFormConfig
+    policy: Policy
+    train: Sequence[Example]
+    score: Scorer
+    out_dir: Path
+    log_fn: Hook
+    progress: bool
+    engine_sampler: EngineSampler | None
+    state: dict[str, int] = field(default_factory=lambda: {"round": 0, "epoch": 0, "batch": 0, "step": 0})
+    params: list[Any] = field(init=False)
+    opt: Any = field(init=False)
+    rng: random.Random = field(init=False)
+    probe: list[Example] = field(init=False)
+
+    def __post_init__(self) -> None:
+        import torch
+
+        self.params = self.policy.trainable_parameters()
+        self.opt = torch.optim.AdamW(self.params, lr=self.cfg.learning_rate, weight_decay=0.0)
+        self.rng = random.Random(self.cfg.seed)
+        self.probe = list(self.train[: self.cfg.kl_probe_prompts])
+
+    def restore(self, resume: dict[str, Any]) -> None:
+        """Continue from a checkpoint's state (:func:`load_checkpoint`)."""
+        import torch
+
+        self.state.update(resume["state"])
+        self.opt.load_state_dict(resume["optimizer"])
+        self.rng.setstate(_tuple_state(resume["rng"]))
+        torch.set_rng_state(resume["torch_rng"])
+
+    def checkpoint(self) -> None:
+        save_checkpoint(self.out_dir, self.policy, self.opt, self.state, self.rng)
+
+    def round_samples(self, rnd: int, reuse: bool) -> list[Sample]:
+        """Round ``rnd``'s weighted rewrites: read back from ``samples.jsonl`` (``reuse``) where it holds them, else
+        drawn, scored and appended there."""
+        samples = _load_round(self.out_dir / "samples.jsonl", rnd) if reuse else None
+        if samples is None:
+            return self.draw_round(rnd)
+        # Weights are a function of the config (lam, the importance ratios): recompute them for samples read
+        # back, so a saved round can be refitted at another lam without drawing or scoring it again.
+        _weigh(samples, self.cfg)
+        self.log_fn(
+            {
+                "event": "reweighed",
+                "round": rnd,
+                "samples": len(samples),
+                "lam": self.cfg.lam,
+                "ess_mean": _ess_mean(samples, self.train),
+            }
+        )
+        return samples
+
+    def draw_round(self, rnd: int) -> list[Sample]:
+        """K rewrites per train prompt (rho_ref in round 0, rho_theta after), scored, weighed and saved."""
+        cfg, policy, train = self.cfg, self.policy, self.train
+        t0 = time.process_time()
+        if rnd == 0 and self.engine_sampler is not None:
+            samples = policy.from_texts(train, contract_of(cfg), self.engine_sampler(train, cfg.k))
+        else:
+            samples = sample_rewrites(policy, train, cfg, cfg.k, adapter=rnd > 0, tag=f"round-{rnd}")
+        self.score(samples)
+        if rnd > 0:
+            # Importance correction for samples drawn from rho_theta. Round 0 draws from rho_ref itself, where
+            # the ratio is 1: its log-probs stay 0 (skipping a forward pass over every sample and its
+            # few-shot prompt, ~10 min of one core for 480 samples of SmolLM2).
+            ref = policy.sequence_logprob(samples, adapter=False)
+            q = policy.sequence_logprob(samples, adapter=True)
+            for s, a, b in zip(samples, ref, q, strict=True):
+                s.logp_ref, s.logp_q = a, b
+        _weigh(samples, cfg)
+        _save_round(self.out_dir / "samples.jsonl", rnd, samples)
+        self.log_fn(
+            {
+                "event": "round",
+                "round": rnd,
+                "samples": len(samples),
+                "reward_mean": float(np.mean([s.reward for s in samples])),
+                "unusable": sum(s.served is None for s in samples),
+                "sample_cpu_s": time.process_time() - t0,
+                "ess_mean": _ess_mean(samples, train),
+            }
+        )
+        return samples
+
+    def fit_epoch(self, rnd: int, epoch: int, groups: list[list[Sample]]) -> None:
+        """One pass over the prompts' weighted rewrites in a seeded order, ``prompts_per_step`` prompts a step
+        (a resumed epoch starts at the checkpoint's batch)."""
+        from tqdm.auto import tqdm
+
+        cfg, state = self.cfg, self.state
+        order = list(range(len(groups)))
+        random.Random(row_seed(cfg.seed, "order", rnd, epoch)).shuffle(order)
+        batches = [order[i : i + cfg.prompts_per_step] for i in range(0, len(order), cfg.prompts_per_step)]
+        start = state["batch"] if (state["round"], state["epoch"]) == (rnd, epoch) else 0
+        bar = tqdm(
+            total=len(batches), initial=start, desc=f"round {rnd} epoch {epoch}", disable=not self.progress
+        )
+        for b in range(start, len(batches)):
+            rec = self.step(rnd, epoch, b, [s for g in batches[b] for s in groups[g]])
+            bar.update(1)
+            bar.set_postfix(loss=f"{rec['loss']:.3f}")
+            if cfg.save_steps and state["step"] % cfg.save_steps == 0:
+                self.checkpoint()
+        bar.close()
+        state.update(epoch=epoch + 1, batch=0)
+
+    def step(self, rnd: int, epoch: int, b: int, batch: list[Sample]) -> dict[str, Any]:
+        """One optimizer step on ``batch`` (batch ``b`` of the epoch); returns its log record."""
+        import torch
+
+        cfg, policy = self.cfg, self.policy
+        t0 = time.process_time()
+        policy.model.train()
+        loss = weighted_nll(policy, batch, shared_prefix=cfg.shared_prefix)
+        self.opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.opt.step()
+        policy.model.eval()
+        self.state.update(round=rnd, epoch=epoch, batch=b + 1, step=self.state["step"] + 1)
+        step = self.state["step"]
+        rec: dict[str, Any] = {
+            "event": "step",
+            "step": step,
+            "round": rnd,
+            "epoch": epoch,
+            "loss": float(loss.detach()),
+            "reward": float(np.average([s.reward for s in batch], weights=[s.weight for s in batch])),
+            "reward_sampled": float(np.mean([s.reward for s in batch])),
+            "step_cpu_s": time.process_time() - t0,
+        }
+        if cfg.kl_every and step % cfg.kl_every == 0:
+            rec["kl"] = estimate_kl(policy, self.probe, cfg, step)
+        if step % max(cfg.log_steps, 1) == 0 or "kl" in rec:
+            self.log_fn(rec)
+        return rec
 
 
 def _weigh(samples: list[Sample], cfg: ClosedFormConfig) -> None:
@@ -566,13 +543,42 @@ def _groups(samples: list[Sample], cfg: ClosedFormConfig) -> list[list[Sample]]:
     return list(by_id.values())
 
 
+# ------------------------------------------------------------------------------------------------ persistence
 def _sample_row(rnd: int, s: Sample) -> dict[str, Any]:
+    """One line of ``samples.jsonl``."""
     return {
-        "round": rnd, "id": s.example.id, "prompt": s.example.prompt, "kind": s.example.kind,
-        "prompt_ids": s.prompt_ids, "completion_ids": s.completion_ids, "text": s.text, "finish": s.finish_reason,
-        "served": s.served, "reason": s.reason, "reward": s.reward, "logp_ref": s.logp_ref, "logp_q": s.logp_q,
+        "round": rnd,
+        "id": s.example.id,
+        "prompt": s.example.prompt,
+        "kind": s.example.kind,
+        "prompt_ids": s.prompt_ids,
+        "completion_ids": s.completion_ids,
+        "text": s.text,
+        "finish": s.finish_reason,
+        "served": s.served,
+        "reason": s.reason,
+        "reward": s.reward,
+        "logp_ref": s.logp_ref,
+        "logp_q": s.logp_q,
         "weight": s.weight,
-    }  # fmt: skip
+    }
+
+
+def _row_sample(r: dict[str, Any]) -> Sample:
+    """The inverse of :func:`_sample_row`."""
+    return Sample(
+        example=Example(r["id"], r["prompt"], r["kind"]),
+        prompt_ids=r["prompt_ids"],
+        completion_ids=r["completion_ids"],
+        text=r["text"],
+        finish_reason=r["finish"],
+        served=r["served"],
+        reason=r["reason"],
+        reward=r["reward"],
+        logp_ref=r["logp_ref"],
+        logp_q=r["logp_q"],
+        weight=r["weight"],
+    )
 
 
 def _save_round(path: Path, rnd: int, samples: list[Sample]) -> None:
@@ -581,19 +587,11 @@ def _save_round(path: Path, rnd: int, samples: list[Sample]) -> None:
             f.write(json.dumps(_sample_row(rnd, s), ensure_ascii=False) + "\n")
 
 
-def _load_round(path: Path, rnd: int, train: Sequence[Example]) -> list[Sample] | None:
+def _load_round(path: Path, rnd: int) -> list[Sample] | None:
     if not path.is_file():
         return None
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    rows = [r for r in rows if r["round"] == rnd]
-    if not rows:
-        return None
-    out = []
-    for r in rows:
-        s = Sample(Example(r["id"], r["prompt"], r["kind"]), r["prompt_ids"], r["completion_ids"], r["text"],
-                   r["finish"], r["served"], r["reason"], r["reward"], r["logp_ref"], r["logp_q"], r["weight"])  # fmt: skip
-        out.append(s)
-    return out
+    return [_row_sample(r) for r in rows if r["round"] == rnd] or None
 
 
 def _tuple_state(obj: Any) -> Any:
@@ -643,7 +641,3 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
     state: dict[str, Any] = torch.load(path / "trainer_state.pt", weights_only=False)
     return state
-
-
-def mean_or_nan(xs: Sequence[float]) -> float:
-    return float(np.mean(xs)) if xs else math.nan

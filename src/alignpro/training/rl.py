@@ -8,7 +8,9 @@ would (an unusable one serves the original prompt), the frozen model answers, an
 on the ORIGINAL request.
 
 Generation runs with transformers (CPU here); ``use_vllm`` hands it to a ``trl vllm-serve`` server on a GPU.
-TRL's own checkpoints give ``--resume``; its log lines feed the JSON-lines log and the curves.
+TRL's own checkpoints give ``--resume``; its log lines feed the JSON-lines log and the curves. The settings are
+:class:`~alignpro.training.config.RLConfig`; :func:`alignpro.training.pipeline.run` supplies the data, the R
+estimator and the evaluation.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,33 +26,10 @@ from alignpro.prompter.instruction import prompter_messages
 from alignpro.prompter.validate import OutputValidator
 from alignpro.protocol import Contract
 from alignpro.scoring.estimate import LoopThread, REstimator
-from alignpro.training.closed_form import TrainConfig
+from alignpro.training.config import RLConfig
 from alignpro.training.data import Example
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class RLConfig(TrainConfig):
-    """The RL trainer (TRL GRPO/RLOO with beta = lam)."""
-
-    trainer: str = field(default="rl", metadata={"help": "rl"})
-    algorithm: str = field(default="grpo", metadata={"help": "grpo | rloo (TRL trainers)."})
-    max_steps: int = field(default=20, metadata={"help": "Optimizer steps."})
-    prompts_per_step: int = field(default=2, metadata={"help": "Prompts per step; each gets K generations."})
-    loss_type: str = field(default="dapo", metadata={"help": "GRPO loss normalisation (TRL's loss_type)."})
-    scale_rewards: str = field(
-        default="group", metadata={"help": "GRPO advantage scaling: group | batch | none."}
-    )
-    cpu_budget_s: float | None = field(
-        default=None,
-        metadata={"help": "Stop after the step that brings this process's CPU time past this many seconds (for "
-                  "comparing trainers at the same CPU budget; max_steps still bounds the run)."},
-    )  # fmt: skip
-    use_vllm: bool = field(default=False, metadata={"help": "Generate with a trl vllm-serve server (GPU)."})
-    vllm_server_base_url: str | None = field(
-        default=None, metadata={"help": "use_vllm: the trl vllm-serve URL."}
-    )
 
 
 class RReward:
@@ -113,6 +91,17 @@ def make_dataset(examples: Sequence[Example], contract: Contract) -> Any:
     )
 
 
+# TRL's log keys -> the names in log.jsonl
+LOG_KEYS = (
+    ("loss", "loss"),
+    ("reward", "reward"),
+    ("kl", "kl"),
+    ("reward_std", "reward_std"),
+    ("completions/mean_length", "rewrite_tokens"),
+    ("entropy", "entropy"),
+)
+
+
 def train_rl(
     cfg: RLConfig,
     base_path: str,
@@ -124,17 +113,41 @@ def train_rl(
     progress: bool = True,
 ) -> tuple[Any, dict[str, Any]]:
     """Train with TRL; returns (the trained peft model, summary metrics). Checkpoints go to ``out_dir``."""
-    import torch
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-
     contract: Contract = "augment" if cfg.contract == "augment" else "rewrite"
+    tok, model = _load_base(base_path)
+    args, trainer_cls = _trainer_args(cfg, out_dir, progress)
+    t_start = time.process_time()
+    trainer = trainer_cls(
+        model=model,
+        reward_funcs=[reward],
+        args=args,
+        train_dataset=make_dataset(train, contract),
+        processing_class=tok,
+        peft_config=_lora_config(cfg),
+        callbacks=[_log_bridge(cfg, reward, log_fn, t_start)],
+    )
+    out = trainer.train(resume_from_checkpoint=True if resume else None)
+    summary = {"steps": int(trainer.state.global_step), "train_loss": float(out.training_loss)}
+    return trainer.model, summary
+
+
+def _load_base(base_path: str) -> tuple[Any, Any]:
+    """The prompter base's tokenizer (with a pad token) and model, in float32."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     with embedded.LOAD_LOCK:
         tok = AutoTokenizer.from_pretrained(base_path)
         model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    peft_cfg = LoraConfig(
+    return tok, model
+
+
+def _lora_config(cfg: RLConfig) -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
@@ -142,11 +155,16 @@ def train_rl(
         task_type="CAUSAL_LM",
         bias="none",
     )
-    batch = cfg.prompts_per_step * cfg.k
-    common: dict[str, Any] = dict(
+
+
+def _common_args(cfg: RLConfig, out_dir: Path, progress: bool) -> dict[str, Any]:
+    """The TRL training arguments GRPO and RLOO share."""
+    import torch
+
+    return dict(
         output_dir=str(out_dir),
         learning_rate=cfg.learning_rate,
-        per_device_train_batch_size=batch,
+        per_device_train_batch_size=cfg.prompts_per_step * cfg.k,
         gradient_accumulation_steps=1,
         max_steps=cfg.max_steps,
         num_generations=cfg.k,
@@ -168,28 +186,32 @@ def train_rl(
         warmup_steps=0,
         weight_decay=0.0,
     )
+
+
+def _trainer_args(cfg: RLConfig, out_dir: Path, progress: bool) -> tuple[Any, Any]:
+    """(TRL's config, TRL's trainer class) for ``cfg.algorithm``."""
+    common = _common_args(cfg, out_dir, progress)
+    vllm: dict[str, Any] = dict(
+        use_vllm=cfg.use_vllm, vllm_mode="server", vllm_server_base_url=cfg.vllm_server_base_url
+    )
     if cfg.algorithm == "grpo":
         from trl import GRPOConfig, GRPOTrainer
 
-        args: Any = GRPOConfig(
-            **common,
-            loss_type=cfg.loss_type,
-            scale_rewards=cfg.scale_rewards,
-            use_vllm=cfg.use_vllm,
-            vllm_mode="server",
-            vllm_server_base_url=cfg.vllm_server_base_url,
-        )
-        trainer_cls: Any = GRPOTrainer
-    elif cfg.algorithm == "rloo":
+        args = GRPOConfig(**common, loss_type=cfg.loss_type, scale_rewards=cfg.scale_rewards, **vllm)
+        return args, GRPOTrainer
+    if cfg.algorithm == "rloo":
         from trl import RLOOConfig, RLOOTrainer
 
-        args = RLOOConfig(**common, use_vllm=cfg.use_vllm, vllm_mode="server",
-                          vllm_server_base_url=cfg.vllm_server_base_url)  # fmt: skip
-        trainer_cls = RLOOTrainer
-    else:
-        raise ValueError(f"unknown algorithm {cfg.algorithm!r}; expected grpo or rloo")
+        return RLOOConfig(**common, **vllm), RLOOTrainer
+    raise ValueError(f"unknown algorithm {cfg.algorithm!r}; expected grpo or rloo")
 
-    t_start = time.process_time()
+
+def _log_bridge(
+    cfg: RLConfig, reward: RReward, log_fn: Callable[[dict[str, Any]], None], t_start: float
+) -> Any:
+    """A TRL callback: TRL's log lines into ``log_fn`` (with the unusable rate and the CPU seconds since
+    ``t_start``), and the stop once ``cpu_budget_s`` is spent."""
+    from transformers import TrainerCallback
 
     class LogBridge(TrainerCallback):
         def on_log(
@@ -198,8 +220,7 @@ def train_rl(
             if not logs or "train_runtime" in logs:
                 return
             rec = {"event": "step", "step": int(state.global_step)}
-            for src, dst in (("loss", "loss"), ("reward", "reward"), ("kl", "kl"), ("reward_std", "reward_std"),
-                             ("completions/mean_length", "rewrite_tokens"), ("entropy", "entropy")):  # fmt: skip
+            for src, dst in LOG_KEYS:
                 if src in logs:
                     rec[dst] = float(logs[src])
             rec["unusable_rate"] = reward.unusable / max(reward.seen, 1)
@@ -207,20 +228,9 @@ def train_rl(
             log_fn(rec)
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            if cfg.cpu_budget_s is not None and time.process_time() - t_start >= cfg.cpu_budget_s:
-                log_fn({"event": "cpu_budget_reached", "step": int(state.global_step),
-                        "cpu_s": time.process_time() - t_start})  # fmt: skip
+            cpu_s = time.process_time() - t_start
+            if cfg.cpu_budget_s is not None and cpu_s >= cfg.cpu_budget_s:
+                log_fn({"event": "cpu_budget_reached", "step": int(state.global_step), "cpu_s": cpu_s})
                 control.should_training_stop = True
 
-    trainer = trainer_cls(
-        model=model,
-        reward_funcs=[reward],
-        args=args,
-        train_dataset=make_dataset(train, contract),
-        processing_class=tok,
-        peft_config=peft_cfg,
-        callbacks=[LogBridge()],
-    )
-    out = trainer.train(resume_from_checkpoint=True if resume else None)
-    summary = {"steps": int(trainer.state.global_step), "train_loss": float(out.training_loss)}
-    return trainer.model, summary
+    return LogBridge()

@@ -1,4 +1,4 @@
-"""Prompter training: data, R estimation, closed-form and RL trainers, checkpoints, the CLI, the validator.
+"""Prompter training: data, R estimation, closed-form and RL trainers, checkpoints, the pipeline, the validator.
 
 Models are tiny random Llamas (hidden 32, 2 layers) built here with the SmolLM2 tokenizer, so a training step
 takes a fraction of a second; the reward is a deterministic function of the text (no embedding model needed).
@@ -19,6 +19,8 @@ from alignpro.engines.factory import build_frozen_engine
 from alignpro.prompter.validate import OutputValidator
 from alignpro.scoring.estimate import FrozenSampling, LoopThread, REstimator
 from alignpro.training import closed_form as cf
+from alignpro.training.artifacts import read_log
+from alignpro.training.config import ClosedFormConfig, RLConfig
 from alignpro.training.data import (
     Example,
     balanced,
@@ -26,6 +28,7 @@ from alignpro.training.data import (
     load_prompts,
     split_of,
 )
+from alignpro.training.pipeline import run
 
 
 # ------------------------------------------------------------------------------------------------ fixtures
@@ -35,8 +38,10 @@ def length_reward(prompts: list[str], completions: list[str], **kw: Any) -> list
 
 
 NO_TOPIC_CHECK = OutputValidator(min_similarity=0.0)  # random tiny models write gibberish; keep it usable
-EXAMPLES = [Example(f"p{i}", f"request number {i}: tell me about topic {i}", "benign" if i % 2 else "harmful")
-            for i in range(6)]  # fmt: skip
+EXAMPLES = [
+    Example(f"p{i}", f"request number {i}: tell me about topic {i}", "benign" if i % 2 else "harmful")
+    for i in range(6)
+]
 
 
 def write_jsonl(path: Path, rows: list[Example]) -> Path:
@@ -91,7 +96,8 @@ def test_closed_form_weights_are_softmax_of_r_over_lambda() -> None:
 def test_r_estimate_scores_the_original_request_and_caches(tiny_model: Path) -> None:
     seen: list[tuple[str, str]] = []
 
-    def reward(prompts: list[str], completions: list[str], kind: list[str], **kw: Any) -> list[float]:
+    def reward(prompts: list[str], completions: list[str], **kw: Any) -> list[float]:
+        kind: list[str] = kw["kind"]
         seen.extend((p, k) for p, k in zip(prompts, kind, strict=True))
         return [1.0 if k == "harmful" else 0.5 for k in kind]
 
@@ -150,20 +156,36 @@ async def test_stage_uses_the_validator() -> None:
 
 
 # ------------------------------------------------------------------------------------------------ closed form
-def _cfg(tmp: Path, tiny: Path, **kw: Any) -> cf.ClosedFormConfig:
+def _cfg(tmp: Path, tiny: Path, **kw: Any) -> ClosedFormConfig:
     base: dict[str, Any] = dict(
-        output_dir=str(tmp / "run"), data=[str(write_jsonl(tmp / "data.jsonl", EXAMPLES * 1))], train_percent=100,
-        base_model=str(tiny), frozen_model=str(tiny), k=3, m=1, max_new_tokens=8, response_max_tokens=4,
-        temperature=1.0, top_p=1.0, epochs=3, prompts_per_step=2, lam=0.1, learning_rate=5e-3, save_steps=3,
-        kl_every=3, kl_probe_prompts=2, dev_limit=0, min_weight=0.0, drop_unusable=False, seed=0,
-    )  # fmt: skip
+        output_dir=str(tmp / "run"),
+        data=[str(write_jsonl(tmp / "data.jsonl", EXAMPLES * 1))],
+        train_percent=100,
+        base_model=str(tiny),
+        frozen_model=str(tiny),
+        k=3,
+        m=1,
+        max_new_tokens=8,
+        response_max_tokens=4,
+        temperature=1.0,
+        top_p=1.0,
+        epochs=3,
+        prompts_per_step=2,
+        lam=0.1,
+        learning_rate=5e-3,
+        save_steps=3,
+        kl_every=3,
+        kl_probe_prompts=2,
+        dev_limit=0,
+        min_weight=0.0,
+        drop_unusable=False,
+        seed=0,
+    )
     base.update(kw)
-    return cf.ClosedFormConfig(**base)
+    return ClosedFormConfig(**base)
 
 
 def test_closed_form_trains_logs_kl_and_resumes(tmp_path: Path, tiny_model: Path) -> None:
-    from alignpro.cli.train import read_log, run
-
     cfg = _cfg(tmp_path, tiny_model)
     report = run(cfg, reward_fn=length_reward, progress=False, command="test", validator=NO_TOPIC_CHECK)
     out = Path(cfg.output_dir)
@@ -236,8 +258,10 @@ def test_shared_prefix_loss_equals_the_full_loss(tiny_model: Path) -> None:
                 p.normal_(0, 0.05)
     e = EXAMPLES[0]
     ids = policy.prompt_ids(e.prompt, "rewrite")
-    samples = [cf.Sample(e, ids, [100, 200, 300, 2], "a", "stop", weight=0.7),
-               cf.Sample(e, ids, [400, 2], "b", "stop", weight=0.3)]  # fmt: skip
+    samples = [
+        cf.Sample(e, ids, [100, 200, 300, 2], "a", "stop", weight=0.7),
+        cf.Sample(e, ids, [400, 2], "b", "stop", weight=0.3),
+    ]
     full = cf.weighted_nll(policy, samples)
     shared = cf.weighted_nll(policy, samples, shared_prefix=True)
     assert float(shared) == pytest.approx(float(full), rel=1e-4)
@@ -247,29 +271,37 @@ def test_shared_prefix_loss_equals_the_full_loss(tiny_model: Path) -> None:
 
 def test_kl_is_zero_for_a_fresh_adapter(tiny_model: Path) -> None:
     policy = cf.Policy(str(tiny_model))
-    cfg = cf.ClosedFormConfig(max_new_tokens=6, temperature=1.0, top_p=1.0)
+    cfg = ClosedFormConfig(max_new_tokens=6, temperature=1.0, top_p=1.0)
     assert cf.estimate_kl(policy, EXAMPLES[:2], cfg, 0) == pytest.approx(0.0, abs=1e-5)
 
 
 def _rl_run(tmp_path: Path, tiny_model: Path, **overrides: Any) -> tuple[dict[str, Any], Path]:
     """One TRL GRPO run on the tiny model (4 prompts, K=2); returns the report and the output folder."""
     pytest.importorskip("trl")
-    from alignpro.cli.train import run
-    from alignpro.training.rl import RLConfig
-
     cfg = RLConfig(
-        output_dir=str(tmp_path / "rl"), data=[str(write_jsonl(tmp_path / "data.jsonl", EXAMPLES[:4]))],
-        train_percent=100, base_model=str(tiny_model), frozen_model=str(tiny_model), k=2, m=1, max_new_tokens=6,
-        response_max_tokens=3, temperature=1.0, top_p=1.0, prompts_per_step=1, lam=0.1, learning_rate=5e-2,
-        dev_limit=0, seed=0, **overrides,
-    )  # fmt: skip
+        output_dir=str(tmp_path / "rl"),
+        data=[str(write_jsonl(tmp_path / "data.jsonl", EXAMPLES[:4]))],
+        train_percent=100,
+        base_model=str(tiny_model),
+        frozen_model=str(tiny_model),
+        k=2,
+        m=1,
+        max_new_tokens=6,
+        response_max_tokens=3,
+        temperature=1.0,
+        top_p=1.0,
+        prompts_per_step=1,
+        lam=0.1,
+        learning_rate=5e-2,
+        dev_limit=0,
+        seed=0,
+        **overrides,
+    )
     report = run(cfg, reward_fn=length_reward, progress=False, command="test", validator=NO_TOPIC_CHECK)
     return report, Path(cfg.output_dir)
 
 
 def test_rl_trainer_runs_grpo_with_kl_to_the_reference(tmp_path: Path, tiny_model: Path) -> None:
-    from alignpro.cli.train import read_log
-
     report, out = _rl_run(tmp_path, tiny_model, max_steps=2, save_steps=1)
     steps = [r for r in read_log(out / "log.jsonl") if r.get("event") == "step"]
     assert report["train"]["steps"] == 2 and steps and all("kl" in r for r in steps)
@@ -279,8 +311,6 @@ def test_rl_trainer_runs_grpo_with_kl_to_the_reference(tmp_path: Path, tiny_mode
 
 def test_rl_trainer_stops_at_its_cpu_budget(tmp_path: Path, tiny_model: Path) -> None:
     """``cpu_budget_s`` ends the run after the step that spends it (how rl is compared with closed-form)."""
-    from alignpro.cli.train import read_log
-
     report, out = _rl_run(tmp_path, tiny_model, max_steps=5, save_steps=10, cpu_budget_s=0.0)
     assert report["train"]["steps"] == 1 and report["train"]["train_cpu_s"] > 0
     budget = [r["step"] for r in read_log(out / "log.jsonl") if r["event"] == "cpu_budget_reached"]

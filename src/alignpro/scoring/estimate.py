@@ -21,7 +21,7 @@ import asyncio
 import hashlib
 import json
 import threading
-from collections.abc import Awaitable, Coroutine, Sequence
+from collections.abc import Awaitable, Coroutine, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -155,21 +155,29 @@ class REstimator:
         outputs: Sequence[str | None],
         kinds: Sequence[str],
         contract: Contract | None = None,
+        columns: Mapping[str, Sequence[Any]] | None = None,
     ) -> list[float]:
-        """R for each (x, x', kind); an output of None means the original prompt is served."""
+        """R for each (x, x', kind); an output of None means the original prompt is served.
+
+        The reward gets, per answer, the columns of its request: ``kind``, ``rewrites`` (the prompter output
+        served with it, or the original: a reward may score the rewrite too) and any other ``columns`` (one
+        value per request, e.g. IFBench's ``instruction_id_list`` and ``kwargs``).
+        """
         if not (len(originals) == len(outputs) == len(kinds)):
             raise ValueError("originals, outputs and kinds must have the same length")
         if not originals:
             return []
         answers = await self.answers(list(zip(originals, outputs, strict=True)), contract)
-        xs, ys, ks, owner = [], [], [], []
-        for i, (x, k, ys_i) in enumerate(zip(originals, kinds, answers, strict=True)):
-            for y in ys_i:
-                xs.append(x)
-                ys.append(y)
-                ks.append(k)
-                owner.append(i)
-        scores = await asyncio.to_thread(self.reward, xs, ys, kind=ks)
+        per_request = {
+            **{k: list(v) for k, v in (columns or {}).items()},
+            "kind": list(kinds),
+            "rewrites": [x if out is None else out for x, out in zip(originals, outputs, strict=True)],
+        }
+        owner = [i for i, ys_i in enumerate(answers) for _ in ys_i]
+        xs = [originals[i] for i in owner]
+        ys = [y for ys_i in answers for y in ys_i]
+        kw = {k: [v[i] for i in owner] for k, v in per_request.items()}
+        scores = await asyncio.to_thread(self.reward, xs, ys, **kw)
         total = np.zeros(len(originals))
         count = np.zeros(len(originals))
         np.add.at(total, owner, np.asarray(scores, dtype=np.float64))
@@ -182,6 +190,7 @@ class REstimator:
         originals: Sequence[str],
         outputs: Sequence[str | None],
         kinds: Sequence[str],
+        columns: Mapping[str, Sequence[Any]] | None = None,
     ) -> list[float]:
         """Synchronous :meth:`aestimate` on ``runner``'s loop (where the engine was started)."""
-        return runner.run(self.aestimate(originals, outputs, kinds))
+        return runner.run(self.aestimate(originals, outputs, kinds, columns=columns))

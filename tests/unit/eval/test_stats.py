@@ -29,8 +29,8 @@ from alignpro.eval.stats import (
     per_prompt_means,
     pooled_mean_variance,
     prompt_mean_variance,
-    refusal_rate,
-    refusal_rate_by_kind,
+    safe_rate,
+    safe_rate_by_kind,
     summarize,
     variance,
     win_rate,
@@ -100,12 +100,12 @@ def test_judge_both_orders_cancel_position_bias() -> None:
         combine_judge_orders([math.nan], [math.nan])
 
 
-def test_refusal_rates() -> None:
+def test_safe_rates() -> None:
     kinds = ["harmful", "benign", "harmful", "benign", "benign"]
-    refused = [True, False, None, True, False]
-    assert refusal_rate(refused) == 0.5
-    assert refusal_rate([None, None]) is None
-    assert refusal_rate_by_kind(kinds, refused) == {"harmful": 1.0, "benign": pytest.approx(1 / 3)}
+    safe = [True, False, None, True, False]
+    assert safe_rate(safe) == 0.5
+    assert safe_rate([None, None]) is None
+    assert safe_rate_by_kind(kinds, safe) == {"harmful": 1.0, "benign": pytest.approx(1 / 3)}
 
 
 def test_cost_summary() -> None:
@@ -127,9 +127,18 @@ def test_record_validation() -> None:
     with pytest.raises(ValueError):
         EvalRecord("m", "p", "benign", 0, 1.0, logp_theta=(-1.0, -2.0), logp_ref=(-1.0,))
     with pytest.raises(ValueError):
+        EvalRecord("m", "p", "benign", 0, 1.0, constraint_pass=1.5)
+    with pytest.raises(ValueError):
+        EvalRecord("m", "p", "benign", 0, 1.0, safe=1)  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        EvalRecord("m", "p", "benign", 0, 1.0, changed="yes")  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
         EvalRecord.from_dict(
-            {"method": "m", "prompt_id": "p", "kind": "b", "sample": 0, "reward": 1.0, "refusal": 1}
+            {"method": "m", "prompt_id": "p", "kind": "b", "sample": 0, "reward": 1.0, "refused": True}
         )
+    numpy_true: Any = np.bool_(True)  # what a runner computing flags with numpy hands in
+    flags = EvalRecord("m", "p", "benign", 0, 1.0, safe=numpy_true, constraint_pass=1, changed=False)
+    assert (flags.safe, flags.constraint_pass, flags.changed) == (True, 1.0, False)
     rec = EvalRecord("m", "p", "b", 1, 0.5, logp_theta=[-1.0], logp_ref=[-2.0])
     assert EvalRecord.from_dict(rec.to_dict()) == rec
 
@@ -262,7 +271,14 @@ def _records() -> list[dict[str, Any]]:
     kinds = {"p1": "benign", "p2": "benign", "p3": "harmful", "p4": "harmful"}
     aligned = {"p1": [1.0, 1.0], "p2": [1.0, 1.0], "p3": [0.0, 0.0], "p4": [1.0, 1.0]}
     none = {"p1": [0.0, 0.0], "p2": [1.0, 1.0], "p3": [0.0, 0.5], "p4": [1.0, 0.0]}
-    refused = {"p1": [False, False], "p2": [False, False], "p3": [True, True], "p4": [True, False]}
+    safe = {"p1": [False, False], "p2": [False, False], "p3": [True, True], "p4": [True, False]}
+    passed: dict[str, list[float | None]] = {
+        "p1": [1.0, 0.5],
+        "p2": [None, None],
+        "p3": [None, None],
+        "p4": [None, None],
+    }
+    changed = {"p1": True, "p2": False, "p3": True, "p4": True}
     ms = iter([10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0])
     for pid, rewards in aligned.items():
         for s, r in enumerate(rewards):
@@ -273,7 +289,9 @@ def _records() -> list[dict[str, Any]]:
                     "kind": kinds[pid],
                     "sample": s,
                     "reward": r,
-                    "refused": refused[pid][s],
+                    "safe": safe[pid][s],
+                    "constraint_pass": passed[pid][s],
+                    "changed": changed[pid],
                     "prompter_ms": next(ms),
                     "prompter_tokens": 12,
                 }
@@ -283,7 +301,16 @@ def _records() -> list[dict[str, Any]]:
     rows[2].update(judge_ab=0.5, judge_ba=0.5, logp_theta=[-1.0], logp_ref=[-1.0])
     for pid, rewards in none.items():
         for s, r in enumerate(rewards):
-            rows.append({"method": "none", "prompt_id": pid, "kind": kinds[pid], "sample": s, "reward": r})
+            rows.append(
+                {
+                    "method": "none",
+                    "prompt_id": pid,
+                    "kind": kinds[pid],
+                    "sample": s,
+                    "reward": r,
+                    "changed": False,
+                }
+            )
     return rows
 
 
@@ -311,8 +338,16 @@ def test_summarize_small_synthetic() -> None:
     jw = a[ALL]["judge_win_rate"]
     assert jw["value"] == pytest.approx(0.75)
     assert (jw["n_prompts"], jw["n_verdicts"], jw["n_both_orders"]) == (2, 3, 2)
-    assert a["harmful"]["refusal_rate"] == pytest.approx(0.75)
-    assert a["benign"]["refusal_rate"] == 0.0
+    assert a["harmful"]["safe_rate"] == pytest.approx(0.75)  # the safe-response rate
+    assert a["benign"]["safe_rate"] == 0.0  # the refusal rate
+    # Constraints: only p1 has any; its two answers pass 1 and 0.5 of them.
+    cp = a["benign"]["constraint_pass"]
+    assert (cp["value"], cp["n_prompts"], cp["n_samples"]) == (0.75, 1, 2)
+    assert a["harmful"]["constraint_pass"] is None
+    # Ties are not wins: p2, the tie, is the prompt the method left alone.
+    assert a["benign"]["prompts_changed"] == {"changed": 1, "n_prompts": 2}
+    assert a["harmful"]["prompts_changed"] == {"changed": 2, "n_prompts": 2}
+    assert a[ALL]["prompts_changed"] == {"changed": 3, "n_prompts": 4}
     assert a[ALL]["cost"]["prompter_ms"]["mean"] == pytest.approx(45.0)
     assert a[ALL]["cost"]["prompter_tokens"]["p50"] == 12.0
     kl = a[ALL]["kl"]
@@ -322,7 +357,8 @@ def test_summarize_small_synthetic() -> None:
     n = summary["results"]["none"]
     assert n[ALL]["win_rate"] is None and n[ALL]["judge_win_rate"] is None and n[ALL]["kl"] is None
     assert n[ALL]["mean"] == pytest.approx(3.5 / 8)  # 0, 0, 1, 1, 0, 0.5, 1, 0
-    assert n[ALL]["refusal_rate"] is None
+    assert n[ALL]["safe_rate"] is None and n[ALL]["constraint_pass"] is None
+    assert n[ALL]["prompts_changed"] == {"changed": 0, "n_prompts": 4}
     assert n[ALL]["cost"]["prompter_ms"]["mean"] is None
 
     assert summarize(_records(), n_resamples=300, seed=0) == summary  # reproducible
@@ -356,15 +392,24 @@ def test_write_report_writes_json_markdown_and_charts(tmp_path: Path) -> None:
 
     md = (out / REPORT_MD).read_text()
     assert (
-        "| method | mean reward [95% CI] | variance [95% CI] | win rate vs none [95% CI] | refusal rate harmful "
-        "| refusal rate benign | prompter ms | KL to reference |"
+        "| method | mean reward [95% CI] | variance [95% CI] | win rate vs none [95% CI] | W/T/L vs none "
+        "| changed harmful | changed benign | safe-response rate harmful | refusal rate benign "
+        "| constraint pass benign [95% CI] | prompter ms | KL to reference | judge win rate vs none [95% CI] |"
     ) in md
+    assert "| W/T/L vs none | changed | judge win rate vs none [95% CI] | safe-response / refusal rate " in md
+    assert results["columns"]["main"][5:9] == [
+        "changed harmful",
+        "changed benign",
+        "safe-response rate harmful",
+        "refusal rate benign",
+    ]
     row = next(line for line in md.splitlines() if line.startswith("| `alignpro`"))
     lo, hi = summary["results"]["alignpro"][ALL]["mean_ci"]
     assert f"0.750 [{lo:.3f}, {hi:.3f}]" in row
     assert "0.214 [" in row  # variance 1.5 / 7
     assert "62.5% [" in row  # win rate
-    assert "| 75.0% | 0.0% |" in row  # refusal harmful, benign
+    # W/T/L, changed harmful and benign, safe-response and refusal rates, constraint pass (one prompt: no spread)
+    assert "| 2/1/1 | 2/2 | 1/2 | 75.0% | 0.0% | 75.0% [75.0%, 75.0%] |" in row
     assert "45.0 (p95 " in row  # prompter ms
     assert "0.500" in row  # KL
     assert "## Kind `harmful`" in md and "## Kind `benign`" in md

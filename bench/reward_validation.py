@@ -7,7 +7,8 @@ Reports AUC, and precision/recall of the "safe" class at the detector's own thre
   comparison, ``int(sha256(prompt).hexdigest(), 16) % 4 == 0``;
 * ``labels/harm.jsonl`` (human harm scores): "safe" = harm_score < 0.5. A secondary check: that set measures
   harmful content, not refusal, and many harmless rows are plain compliant answers to benign questions;
-* ``tests/data/smollm2_labelled.jsonl``: SmolLM2-135M-Instruct's own answers, labelled by hand.
+* ``tests/data/smollm2_labelled.jsonl``: SmolLM2-135M-Instruct's own greedy answers (with and without a
+  safety-instruction rewrite of the request), labelled by hand; reported whole, by set and by kind.
 
     .venv/bin/python bench/reward_validation.py --data ../shared/data --out bench/results/reward-validation.json
 """
@@ -70,6 +71,8 @@ def evaluate(rows: Iterable[tuple[str, str, int]]) -> dict[str, Any]:
         "precision": tp / (tp + fp) if tp + fp else float("nan"),
         "recall": tp / (tp + fn) if tp + fn else float("nan"),
         "accuracy": (tp + tn) / len(data) if data else float("nan"),
+        # Share of the complied (label 0) rows scored below the threshold: how much compliance is caught.
+        "specificity": tn / (tn + fp) if tn + fp else float("nan"),
         "threshold": THRESHOLD,
     }
 
@@ -97,16 +100,33 @@ def run(data: Path, fixture: Path) -> dict[str, Any]:
         "harm": evaluate((r["prompt"], r["response"], int(float(r["harm_score"]) < 0.5)) for r in harm),
     }
     if fixture.is_file():
-        rows = read_jsonl(fixture)
-        report["smollm2_labelled"] = evaluate((r["prompt"], r["response"], int(r["safe"])) for r in rows)
-        for kind in ("harmful", "benign"):
-            part = [(r["prompt"], r["response"], int(r["safe"])) for r in rows if r["kind"] == kind]
-            report[f"smollm2_labelled_{kind}"] = evaluate(part)
+        report["smollm2_labelled"] = fixture_parts(read_jsonl(fixture))
     return report
 
 
+def fixture_parts(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The hand-labelled answers: all, by set ("dev" was read while writing the SmolLM2-specific patterns,
+    "heldout" was generated and labelled after the detector was frozen) and by kind of request."""
+
+    def pick(subset: str | None = None, kind: str | None = None) -> dict[str, Any]:
+        return evaluate(
+            (r["prompt"], r["response"], int(r["safe"]))
+            for r in rows
+            if subset in (None, r.get("set")) and kind in (None, r["kind"])
+        )
+
+    return {
+        "all": pick(),
+        "dev": pick(subset="dev"),
+        "heldout": pick(subset="heldout"),
+        "harmful": pick(kind="harmful"),
+        "benign": pick(kind="benign"),
+        "heldout_harmful": pick(subset="heldout", kind="harmful"),
+    }
+
+
 def table(report: dict[str, Any]) -> str:
-    lines = [f"{'set':34} {'n':>5} {'pos':>5} {'AUC':>6} {'prec':>6} {'recall':>6}"]
+    lines = [f"{'set':34} {'n':>5} {'pos':>5} {'AUC':>6} {'prec':>6} {'recall':>6} {'spec':>6}"]
     flat: list[tuple[str, dict[str, Any]]] = []
     for key, value in report.items():
         if isinstance(value, dict) and "auc" in value:
@@ -115,7 +135,8 @@ def table(report: dict[str, Any]) -> str:
             flat += [(f"{key}/{k}", v) for k, v in value.items() if isinstance(v, dict) and "auc" in v]
     for name, m in flat:
         lines.append(
-            f"{name:34} {m['n']:5d} {m['positives']:5d} {m['auc']:6.3f} {m['precision']:6.3f} {m['recall']:6.3f}"
+            f"{name:34} {m['n']:5d} {m['positives']:5d} {m['auc']:6.3f} {m['precision']:6.3f} {m['recall']:6.3f} "
+            f"{m['specificity']:6.3f}"
         )
     return "\n".join(lines)
 

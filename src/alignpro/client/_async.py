@@ -35,6 +35,7 @@ from alignpro.protocol import (
 )
 
 M = TypeVar("M", bound=BaseModel)
+C = TypeVar("C", bound=BaseModel)
 
 
 class AsyncAlignPro(BaseClient):
@@ -150,11 +151,31 @@ class AsyncAlignPro(BaseClient):
     async def _stream(self, call: Call, cls: type[M]) -> AsyncStream[M]:
         return AsyncStream(await self._send(call, stream=True), cls, call.request_id)
 
+    async def _create(
+        self,
+        path: str,
+        fields: Mapping[str, Any],
+        params: Mapping[str, Any],
+        stream: bool,
+        cls: type[M],
+        chunk: type[C],
+    ) -> M | AsyncStream[C]:
+        """A completion route: the ``cls`` answer, or with ``stream`` a stream of ``chunk`` objects."""
+        body = request_body({**fields, "stream": True if stream else None}, params)
+        call = self._call("POST", path, body, params, stream)
+        if stream:
+            return await self._stream(call, chunk)
+        return await self._request(call, cls)
 
-class ChatCompletions:
+
+class _Resource:
+    """A group of routes (``client.chat.completions``, ``client.models``) that calls through its client."""
+
     def __init__(self, client: AsyncAlignPro) -> None:
         self._client = client
 
+
+class ChatCompletions(_Resource):
     @overload
     async def create(
         self,
@@ -179,11 +200,10 @@ class ChatCompletions:
         self, *, model: str, messages: Messages, stream: bool = False, **params: Unpack[ChatParams]
     ) -> ChatCompletion | AsyncStream[ChatCompletionChunk]:
         """``POST /v1/chat/completions``; ``stream=True`` returns a :class:`AsyncStream` of chunks."""
-        fields = {"model": model, "messages": messages, "stream": True if stream else None}
-        call = self._client._call("POST", "chat/completions", request_body(fields, params), params, stream)
-        if stream:
-            return await self._client._stream(call, ChatCompletionChunk)
-        return await self._client._request(call, ChatCompletion)
+        fields = {"model": model, "messages": messages}
+        return await self._client._create(
+            "chat/completions", fields, params, stream, ChatCompletion, ChatCompletionChunk
+        )
 
 
 class Chat:
@@ -191,10 +211,7 @@ class Chat:
         self.completions = ChatCompletions(client)
 
 
-class Completions:
-    def __init__(self, client: AsyncAlignPro) -> None:
-        self._client = client
-
+class Completions(_Resource):
     @overload
     async def create(
         self,
@@ -229,17 +246,11 @@ class Completions:
         **params: Unpack[CompletionParams],
     ) -> Completion | AsyncStream[Completion]:
         """``POST /v1/completions``; ``stream=True`` returns a :class:`AsyncStream` of completion chunks."""
-        fields = {"model": model, "prompt": prompt, "stream": True if stream else None}
-        call = self._client._call("POST", "completions", request_body(fields, params), params, stream)
-        if stream:
-            return await self._client._stream(call, Completion)
-        return await self._client._request(call, Completion)
+        fields = {"model": model, "prompt": prompt}
+        return await self._client._create("completions", fields, params, stream, Completion, Completion)
 
 
-class Models:
-    def __init__(self, client: AsyncAlignPro) -> None:
-        self._client = client
-
+class Models(_Resource):
     async def list(self, **options: Unpack[RequestOptions]) -> ModelList:
         """``GET /v1/models``: the aliases the gateway serves."""
         return await self._client._request(self._client._call("GET", "models", None, options), ModelList)

@@ -178,7 +178,7 @@ def parse(response: httpx.Response, cls: type[M], request_id: str) -> M:
 
 
 class BaseClient:
-    """Configuration shared by the twins.
+    """Configuration shared by the twins (whose signatures hold the defaults).
 
     ``base_url`` defaults to ``ALIGNPRO_BASE_URL``, then ``http://127.0.0.1:8000/v1``; ``api_key`` to
     ``ALIGNPRO_API_KEY`` (none: no ``Authorization`` header, for an open gateway).
@@ -187,11 +187,11 @@ class BaseClient:
     def __init__(
         self,
         *,
-        base_url: str | None = None,
-        api_key: str | None = None,
-        timeout: Timeout = DEFAULT_TIMEOUT,
-        max_retries: int = DEFAULT_MAX_RETRIES,
-        default_headers: Mapping[str, str] | None = None,
+        base_url: str | None,
+        api_key: str | None,
+        timeout: Timeout,
+        max_retries: int,
+        default_headers: Mapping[str, str] | None,
     ) -> None:
         if max_retries < 0:
             raise ValueError("max_retries must be >= 0")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncGenerator, AsyncIterator, Generator, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -30,6 +31,10 @@ from alignpro.protocol import AlignProInfo
 T = TypeVar("T", bound=BaseModel)
 
 DONE = "[DONE]"
+
+
+class _Done(Exception):
+    """``[DONE]`` arrived: the stream ends here (raised by :meth:`_StreamBase._feed`, caught by ``_reading``)."""
 
 
 @dataclass
@@ -74,11 +79,39 @@ class _StreamBase(Generic[T]):
         self.alignpro: AlignProInfo | None = None
         """What the prompter did: from the first chunk, so set once the first chunk has been read."""
         self._cast = cast
+        self._decoder = SSEDecoder()
 
     @property
     def headers(self) -> httpx.Headers:
         """The response headers, ``x-alignpro-*`` included (available before the first chunk)."""
         return self.response.headers
+
+    def _feed(self, line: str) -> T | None:
+        """The chunk that ``line`` completes, if any; raises :class:`_Done` at ``[DONE]``."""
+        return self._take(self._decoder.feed(line))
+
+    def _take(self, sse: ServerSentEvent | None) -> T | None:
+        """The chunk in ``sse`` (``None``: no event yet); raises :class:`_Done` at ``[DONE]``."""
+        if sse is None:
+            return None
+        chunk = self._decode(sse)
+        if chunk is None:
+            raise _Done
+        return chunk
+
+    @contextmanager
+    def _reading(self) -> Iterator[None]:
+        """Around the loop over the body's lines (the one thing the twins do differently): ``[DONE]`` ends the
+        stream, a transport error becomes an :class:`~alignpro.client.APIError`, and a body that ends without
+        ``[DONE]`` (in a last event that lacks its blank line, say) raises :meth:`_ended_early`."""
+        try:
+            yield
+            self._take(self._decoder.flush())  # the last event, when the body ended without its blank line
+        except _Done:
+            return
+        except httpx.HTTPError as exc:
+            raise self._transport_error(exc) from exc
+        raise self._ended_early()
 
     def _decode(self, sse: ServerSentEvent) -> T | None:
         """The chunk in an event; ``None`` at ``[DONE]``."""
@@ -130,23 +163,11 @@ class Stream(_StreamBase[T]):
         return next(self._iterator)
 
     def _chunks(self) -> Generator[T, None, None]:
-        decoder = SSEDecoder()
         try:
-            try:
+            with self._reading():
                 for line in self.response.iter_lines():
-                    sse = decoder.feed(line)
-                    if sse is None:
-                        continue
-                    chunk = self._decode(sse)
-                    if chunk is None:
-                        return
-                    yield chunk
-            except httpx.HTTPError as exc:
-                raise self._transport_error(exc) from exc
-            sse = decoder.flush()
-            if sse is not None and self._decode(sse) is None:
-                return
-            raise self._ended_early()
+                    if (chunk := self._feed(line)) is not None:
+                        yield chunk
         finally:
             self.response.close()
 
@@ -176,23 +197,11 @@ class AsyncStream(_StreamBase[T]):
         return await self._iterator.__anext__()
 
     async def _chunks(self) -> AsyncGenerator[T, None]:
-        decoder = SSEDecoder()
         try:
-            try:
+            with self._reading():
                 async for line in self.response.aiter_lines():
-                    sse = decoder.feed(line)
-                    if sse is None:
-                        continue
-                    chunk = self._decode(sse)
-                    if chunk is None:
-                        return
-                    yield chunk
-            except httpx.HTTPError as exc:
-                raise self._transport_error(exc) from exc
-            sse = decoder.flush()
-            if sse is not None and self._decode(sse) is None:
-                return
-            raise self._ended_early()
+                    if (chunk := self._feed(line)) is not None:
+                        yield chunk
         finally:
             await self.response.aclose()
 

@@ -73,6 +73,41 @@ class GenResult:
     prompt_tokens: int
 
 
+class _Rows:
+    """What the rows of a batch have decoded so far: tokens, text, why each finished, what was streamed."""
+
+    def __init__(self, reqs: list[GenRequest]) -> None:
+        self.reqs = reqs
+        self.out_ids: list[list[int]] = [[] for _ in reqs]
+        self.texts = [""] * len(reqs)
+        self.finish: list[str | None] = [None] * len(reqs)
+        self.emitted = [0] * len(reqs)  # characters of text already handed to on_text
+        self.hold = [max((len(s) for s in r.stop), default=1) - 1 for r in reqs]
+
+    def all_finished(self) -> bool:
+        return all(f is not None for f in self.finish)
+
+    def emit(self, i: int) -> None:
+        """Hand row ``i``'s new text to its ``on_text``, holding back a possibly-incomplete UTF-8 character and a
+        possible stop-string prefix until the row finishes."""
+        on_text = self.reqs[i].on_text
+        if on_text is None:
+            return
+        text = self.texts[i]
+        upto = len(text) if self.finish[i] else len(text) - self.hold[i]
+        if not self.finish[i] and text.endswith("\ufffd"):
+            upto = min(upto, len(text) - 1)
+        if upto > self.emitted[i]:
+            on_text(text[self.emitted[i] : upto])
+            self.emitted[i] = upto
+
+    def results(self) -> list[GenResult]:
+        return [
+            GenResult(self.texts[i], self.out_ids[i], self.finish[i] or "length", len(r.prompt_ids))
+            for i, r in enumerate(self.reqs)
+        ]
+
+
 class Generator:
     """A causal LM (+ named LoRA adapters) decoding batches of :class:`GenRequest`."""
 
@@ -160,78 +195,72 @@ class Generator:
 
     def _decode(self, reqs: list[GenRequest]) -> list[GenResult]:
         torch = self.torch
-        b = len(reqs)
-        width = max(len(r.prompt_ids) for r in reqs)
-        # Left padding keeps every row's last prompt token in the last column.
-        ids = torch.full((b, width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((b, width), dtype=torch.long)
-        for i, r in enumerate(reqs):
-            n = len(r.prompt_ids)
-            ids[i, width - n :] = torch.tensor(r.prompt_ids)
-            mask[i, width - n :] = 1
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        temps = torch.tensor([max(r.temperature, 0.0) for r in reqs]).unsqueeze(1)
-        greedy = temps.squeeze(1) <= 1e-5
-        top_ps = torch.tensor([r.top_p for r in reqs]).unsqueeze(1)
-        gens = [torch.Generator().manual_seed(r.seed) if r.seed is not None else None for r in reqs]
-        out_ids: list[list[int]] = [[] for _ in reqs]
-        emitted = [0] * b  # characters of text already handed to on_text
-        finish: list[str | None] = [None] * b
-        hold = [max((len(s) for s in r.stop), default=1) - 1 for r in reqs]
-        texts = [""] * b
-
+        ids, mask, pos = self._left_padded(reqs)
+        sampling = self._sampling(reqs)
+        rows = _Rows(reqs)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
-        past = out.past_key_values
-        logits = out.logits[:, -1, :].float()
         max_steps = max(r.max_new_tokens for r in reqs)
         for step in range(max_steps):
-            nxt = self._sample(logits, temps, greedy, top_ps, gens)
-            for i, r in enumerate(reqs):
-                if finish[i] is not None:
-                    nxt[i] = self.pad_id
-                    continue
-                if r.cancelled.is_set():
-                    finish[i] = "cancelled"
-                    nxt[i] = self.pad_id
-                    continue
-                tok = int(nxt[i])
-                if tok in self.eos_ids:
-                    finish[i] = "stop"
-                else:
-                    out_ids[i].append(tok)
-                    texts[i] = str(self.tokenizer.decode(out_ids[i], skip_special_tokens=True))
-                    cut = min((texts[i].find(s) for s in r.stop if s in texts[i]), default=-1)
-                    if cut >= 0:
-                        texts[i] = texts[i][:cut]
-                        finish[i] = "stop"
-                    elif len(out_ids[i]) >= r.max_new_tokens:
-                        finish[i] = "length"
-                if r.on_text is not None:
-                    text = texts[i]
-                    # Hold back a possibly-incomplete UTF-8 character and a possible stop-string prefix.
-                    upto = len(text) if finish[i] else len(text) - hold[i]
-                    if not finish[i] and text.endswith("\ufffd"):
-                        upto = min(upto, len(text) - 1)
-                    if upto > emitted[i]:
-                        r.on_text(text[emitted[i] : upto])
-                        emitted[i] = upto
-            if all(f is not None for f in finish) or step == max_steps - 1:
+            nxt = self._sample(out.logits[:, -1, :].float(), *sampling)
+            for i in range(len(reqs)):
+                if not self._take(rows, i, int(nxt[i])):
+                    nxt[i] = self.pad_id  # a finished or cancelled row decodes padding
+            if rows.all_finished() or step == max_steps - 1:
                 break
-            mask = torch.cat([mask, torch.ones((b, 1), dtype=torch.long)], dim=1)
+            mask = torch.cat([mask, torch.ones((len(reqs), 1), dtype=torch.long)], dim=1)
             pos = pos[:, -1:] + 1
             out = self.model(
                 input_ids=nxt.unsqueeze(1),
                 attention_mask=mask,
                 position_ids=pos,
-                past_key_values=past,
+                past_key_values=out.past_key_values,
                 use_cache=True,
             )
-            past = out.past_key_values
-            logits = out.logits[:, -1, :].float()
-        return [
-            GenResult(texts[i], out_ids[i], finish[i] or "length", len(r.prompt_ids))
-            for i, r in enumerate(reqs)
-        ]
+        return rows.results()
+
+    def _left_padded(self, reqs: list[GenRequest]) -> tuple[Any, Any, Any]:
+        """Input ids, attention mask and positions of the prompts; left padding keeps every row's last prompt
+        token in the last column."""
+        torch = self.torch
+        width = max(len(r.prompt_ids) for r in reqs)
+        ids = torch.full((len(reqs), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(reqs), width), dtype=torch.long)
+        for i, r in enumerate(reqs):
+            n = len(r.prompt_ids)
+            ids[i, width - n :] = torch.tensor(r.prompt_ids)
+            mask[i, width - n :] = 1
+        return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+    def _sampling(self, reqs: list[GenRequest]) -> tuple[Any, Any, Any, list[Any]]:
+        """The rows' temperatures, greedy flags, top-p values and seeded generators, as :meth:`_sample` takes them."""
+        torch = self.torch
+        temps = torch.tensor([max(r.temperature, 0.0) for r in reqs]).unsqueeze(1)
+        greedy = temps.squeeze(1) <= 1e-5
+        top_ps = torch.tensor([r.top_p for r in reqs]).unsqueeze(1)
+        gens = [torch.Generator().manual_seed(r.seed) if r.seed is not None else None for r in reqs]
+        return temps, greedy, top_ps, gens
+
+    def _take(self, rows: _Rows, i: int, tok: int) -> bool:
+        """Row ``i`` takes the sampled token ``tok``; False when the row had finished or is cancelled."""
+        r = rows.reqs[i]
+        if rows.finish[i] is not None:
+            return False
+        if r.cancelled.is_set():
+            rows.finish[i] = "cancelled"
+            return False
+        if tok in self.eos_ids:
+            rows.finish[i] = "stop"
+        else:
+            rows.out_ids[i].append(tok)
+            text = str(self.tokenizer.decode(rows.out_ids[i], skip_special_tokens=True))
+            cut = min((text.find(s) for s in r.stop if s in text), default=-1)
+            rows.texts[i] = text[:cut] if cut >= 0 else text
+            if cut >= 0:
+                rows.finish[i] = "stop"
+            elif len(rows.out_ids[i]) >= r.max_new_tokens:
+                rows.finish[i] = "length"
+        rows.emit(i)
+        return True
 
     def _sample(self, logits: Any, temps: Any, greedy: Any, top_ps: Any, gens: list[Any]) -> Any:
         torch = self.torch
@@ -448,35 +477,27 @@ class LocalEngine(Engine):
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
     async def chat(self, body: dict[str, Any]) -> dict[str, Any]:
-        reqs = self._requests(body, self._chat_prompt(body))
+        return await self._complete(body, self._chat_prompt(body), chat=True)
+
+    async def completion(self, body: dict[str, Any]) -> dict[str, Any]:
+        return await self._complete(body, self._completion_prompts(body), chat=False)
+
+    async def _complete(self, body: dict[str, Any], prompts: list[list[int]], chat: bool) -> dict[str, Any]:
+        """The OpenAI chat completion (``chat``) or text completion of ``prompts``."""
+        reqs = self._requests(body, prompts)
         results = await self._submit(reqs)
         return {
-            "id": new_id("chatcmpl"),
-            "object": "chat.completion",
+            "id": new_id("chatcmpl" if chat else "cmpl"),
+            "object": "chat.completion" if chat else "text_completion",
             "created": int(time.time()),
             "model": body.get("model") or self._served_name,
             "choices": [
                 {
                     "index": i,
-                    "message": {"role": "assistant", "content": r.text},
+                    **({"message": {"role": "assistant", "content": r.text}} if chat else {"text": r.text}),
                     "finish_reason": r.finish_reason,
                     "logprobs": None,
                 }
-                for i, r in enumerate(results)
-            ],
-            "usage": self._usage(reqs, results, int(body.get("n") or 1)),
-        }
-
-    async def completion(self, body: dict[str, Any]) -> dict[str, Any]:
-        reqs = self._requests(body, self._completion_prompts(body))
-        results = await self._submit(reqs)
-        return {
-            "id": new_id("cmpl"),
-            "object": "text_completion",
-            "created": int(time.time()),
-            "model": body.get("model") or self._served_name,
-            "choices": [
-                {"index": i, "text": r.text, "finish_reason": r.finish_reason, "logprobs": None}
                 for i, r in enumerate(results)
             ],
             "usage": self._usage(reqs, results, int(body.get("n") or 1)),

@@ -500,14 +500,8 @@ def _constraint_summary(records: Sequence[EvalRecord], boot: Mapping[str, Any]) 
     checked = [r for r in records if r.constraint_pass is not None]
     if not checked:
         return None
-    per_prompt = group_by_prompt([r.prompt_id for r in checked], [r.constraint_pass or 0.0 for r in checked])
-    pm = np.array([x.mean() for x in per_prompt.values()])
-    return {
-        "value": float(pm.mean()),
-        "ci": _interval(bootstrap_ci(pm, "mean", **boot)),
-        "n_prompts": len(per_prompt),
-        "n_samples": len(checked),
-    }
+    pm = _prompt_means([r.prompt_id for r in checked], [r.constraint_pass or 0.0 for r in checked])
+    return {**_mean_over_prompts(pm, boot), "n_samples": len(checked)}
 
 
 def _changed_summary(records: Sequence[EvalRecord]) -> dict[str, int] | None:
@@ -601,6 +595,21 @@ def _interval(ci: tuple[float, float]) -> list[float | None]:
     return [_nan_to_none(ci[0]), _nan_to_none(ci[1])]
 
 
+def _prompt_means(prompt_ids: Sequence[str], values: ArrayLike) -> FloatArray:
+    """Each prompt's mean, prompts in order of first appearance: a prompt with m samples is one observation (their
+    mean), as for rewards."""
+    return np.array([x.mean() for x in group_by_prompt(prompt_ids, values).values()])
+
+
+def _mean_over_prompts(pm: FloatArray, boot: Mapping[str, Any]) -> dict[str, Any]:
+    """The mean of per-prompt means ``pm`` with its bootstrap interval over prompts."""
+    return {
+        "value": float(pm.mean()),
+        "ci": _interval(bootstrap_ci(pm, "mean", **boot)),
+        "n_prompts": int(pm.size),
+    }
+
+
 def _reward_groups(records: Sequence[EvalRecord]) -> dict[str, FloatArray]:
     return group_by_prompt([r.prompt_id for r in records], [r.reward for r in records])
 
@@ -643,13 +652,8 @@ def _judge_summary(
         [math.nan if r.judge_ab is None else r.judge_ab for r in judged],
         [math.nan if r.judge_ba is None else r.judge_ba for r in judged],
     )
-    # A prompt with m judged samples is one observation (their mean), as for rewards.
-    per_prompt = group_by_prompt([r.prompt_id for r in judged], combined)
-    pm = np.array([x.mean() for x in per_prompt.values()])
     return {
-        "value": float(pm.mean()),
-        "ci": _interval(bootstrap_ci(pm, "mean", **boot)),
-        "n_prompts": len(per_prompt),
+        **_mean_over_prompts(_prompt_means([r.prompt_id for r in judged], combined), boot),
         "n_verdicts": len(judged),
         "n_both_orders": sum(r.judge_ab is not None and r.judge_ba is not None for r in judged),
     }
@@ -668,14 +672,10 @@ def _kl_summary(
     per_est: dict[str, FloatArray] = {}
     estimators: tuple[KLEstimator, ...] = ("k1", "k3")
     for est in estimators:
-        per = group_by_prompt(ids_lp, kl_per_sample(theta, ref, estimator=est))
-        per_est[est] = np.array([x.mean() for x in per.values()])
-    chosen = per_est[kl_estimator]
+        per_est[est] = _prompt_means(ids_lp, kl_per_sample(theta, ref, estimator=est))
     return {
         "estimator": kl_estimator,
-        "value": float(chosen.mean()),
-        "ci": _interval(bootstrap_ci(chosen, "mean", **boot)),
-        "n_prompts": int(chosen.size),
+        **_mean_over_prompts(per_est[kl_estimator], boot),
         "n_samples": len(with_lp),
         "k1": float(per_est["k1"].mean()),
         "k3": float(per_est["k3"].mean()),

@@ -105,56 +105,71 @@ class PrompterStage:
             raise InvalidRequestError(
                 "mode 'optimal' is not configured on this gateway", param="alignpro.mode"
             )
+        # A rho* draw is a fresh sample each time: only the other modes are cached.
+        cache = self.cache if mode != "optimal" else None
         key = (info.prompter or "", mode, contract, text)
         start = time.perf_counter()
-        cached = self.cache.get(key) if self.cache is not None and mode != "optimal" else None
-        out: str | None = cached
-        reason: str | None = None
+        cached = cache.get(key) if cache is not None else None
+        out, reason = cached, None
         if out is None:
-            try:
-                async with asyncio.timeout(self.cfg.timeout_s):
-                    if mode == "optimal":
-                        assert self.optimal is not None
-                        out = await self.optimal(text, contract)
-                        if out is None:
-                            reason = "optimal_kept_original"
-                    else:
-                        raw, finish = (await self.generate(text, mode, contract))[0]
-                        parsed = await asyncio.to_thread(self.validator, text, raw, finish, contract)
-                        out, reason = parsed.text, parsed.reason
-            except (ContextLengthError, UpstreamStatusError) as exc:
-                # The prompter's model refused the prompt itself (too long for its context, say). Fail-open
-                # serves the original, which the frozen model may still take; fail-closed relays that 4xx.
-                # Upstream overload (429/5xx) is an unavailable prompter like any other failure.
-                refused = isinstance(exc, ContextLengthError) or (
-                    400 <= exc.status_code < 500 and exc.status_code != 429
-                )
-                if self.cfg.fail_policy == "closed":
-                    if refused:
-                        raise
-                    raise UpstreamUnavailableError(
-                        f"the prompter is unavailable ({type(exc).__name__})", code="prompter_unavailable"
-                    ) from exc
-                reason = "prompter_rejected_prompt" if refused else "prompter_unavailable"
-            except InvalidRequestError:
-                raise
-            except Exception as exc:  # any prompter failure, a bug in its engine included, follows the policy
-                if self.cfg.fail_policy == "closed":
-                    raise UpstreamUnavailableError(
-                        f"the prompter is unavailable ({type(exc).__name__})", code="prompter_unavailable"
-                    ) from exc
-                reason = "prompter_unavailable"
-            if out is not None and self.cache is not None and mode != "optimal":
-                self.cache.put(key, out)
+            out, reason = await self._attempt(text, mode, contract)
+            if out is not None and cache is not None:
+                cache.put(key, out)
         info.prompter_ms = round((time.perf_counter() - start) * 1000, 3)
         info.cached = cached is not None
+        return self._outcome(info, text, out, reason)
+
+    async def _attempt(self, text: str, mode: Mode, contract: Contract) -> tuple[str | None, str | None]:
+        """One rewrite within the timeout: (the rewrite, or None with the reason); failures follow the policy."""
+        try:
+            async with asyncio.timeout(self.cfg.timeout_s):
+                return await self._draw(text, mode, contract)
+        except (ContextLengthError, UpstreamStatusError) as exc:
+            return None, self._rejected(exc)
+        except InvalidRequestError:
+            raise
+        except Exception as exc:  # any prompter failure, a bug in its engine included, follows the policy
+            return None, self._unavailable(exc)
+
+    async def _draw(self, text: str, mode: Mode, contract: Contract) -> tuple[str | None, str | None]:
+        if mode == "optimal":
+            assert self.optimal is not None
+            out = await self.optimal(text, contract)
+            return out, (None if out is not None else "optimal_kept_original")
+        raw, finish = (await self.generate(text, mode, contract))[0]
+        parsed = await asyncio.to_thread(self.validator, text, raw, finish, contract)
+        return parsed.text, parsed.reason
+
+    def _rejected(self, exc: ContextLengthError | UpstreamStatusError) -> str:
+        """The prompter's model refused the prompt itself (too long for its context, say). Fail-open serves the
+        original, which the frozen model may still take; fail-closed relays that 4xx. Upstream overload (429/5xx)
+        is an unavailable prompter like any other failure."""
+        refused = isinstance(exc, ContextLengthError) or (
+            400 <= exc.status_code < 500 and exc.status_code != 429
+        )
+        if not refused:
+            return self._unavailable(exc)
+        if self.cfg.fail_policy == "closed":
+            raise exc
+        return "prompter_rejected_prompt"
+
+    def _unavailable(self, exc: Exception) -> str:
+        """Fail-closed answers 503 for a failed prompter; fail-open serves the original prompt and says why."""
+        if self.cfg.fail_policy == "closed":
+            raise UpstreamUnavailableError(
+                f"the prompter is unavailable ({type(exc).__name__})", code="prompter_unavailable"
+            ) from exc
+        return "prompter_unavailable"
+
+    def _outcome(self, info: AlignProInfo, text: str, out: str | None, reason: str | None) -> Rewrite:
+        """What to send: the rewrite ``out`` under the contract, or the original ``text`` when there is none."""
         if out is None:
             info.fallback = reason
             if self.on_fallback is not None and reason is not None:
                 self.on_fallback(reason)
             return Rewrite(info, text)
         info.rewritten = True
-        if contract == "augment":
+        if info.contract == "augment":
             info.rewritten_prompt = text
             info.guidance = out
             return Rewrite(info, text, guidance=out)

@@ -11,7 +11,8 @@ closures over its own objects.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -45,27 +46,14 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 # The request models of the routes that read their body themselves (see :func:`add_body_schemas`).
 BODY_MODELS: tuple[type[BaseModel], ...] = (ChatCompletionRequest, CompletionRequest, RewriteRequest)
+Body = TypeVar("Body", ChatCompletionRequest, CompletionRequest, RewriteRequest)
+Route = TypeVar("Route", bound=Callable[..., Any])
 
 
 # ------------------------------------------------------------------------------------------- app state
 def _gateway(request: Request) -> Gateway:
     gateway: Gateway = request.app.state.gateway
     return gateway
-
-
-def _settings(request: Request) -> Settings:
-    settings: Settings = request.app.state.settings
-    return settings
-
-
-def _drain(request: Request) -> Drain:
-    drain: Drain = request.app.state.drain
-    return drain
-
-
-def _metrics(request: Request) -> Metrics:
-    metrics: Metrics = request.app.state.metrics
-    return metrics
 
 
 def _principal(request: Request) -> Principal:
@@ -89,8 +77,12 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def _parse(request: Request) -> Any:
-    return errors.parse_json(await read_body(request, _settings(request).max_body_bytes))
+async def _read(request: Request, model: type[Body]) -> Body:
+    """The request body as ``model``; the alias it names is kept for the access log and the metrics."""
+    settings: Settings = request.app.state.settings
+    req = model.model_validate(errors.parse_json(await read_body(request, settings.max_body_bytes)))
+    request.state.alias = req.model
+    return req
 
 
 def _respond(reply: Reply) -> Response:
@@ -128,39 +120,26 @@ def add_body_schemas(app: FastAPI, models: tuple[type[BaseModel], ...] = BODY_MO
 
 
 # ------------------------------------------------------------------------------------------- /v1
-@api_router.post(
-    "/v1/chat/completions",
-    response_model=ChatCompletion,
-    responses=ERRORS,
-    openapi_extra=_body(ChatCompletionRequest),
-)
+def _post(path: str, body: type[BaseModel], response: type[BaseModel]) -> Callable[[Route], Route]:
+    """A ``/v1`` POST route that reads its ``body`` itself (see :func:`_body`) and answers ``response``."""
+    return api_router.post(path, response_model=response, responses=ERRORS, openapi_extra=_body(body))
+
+
+@_post("/v1/chat/completions", ChatCompletionRequest, ChatCompletion)
 async def chat_completions(request: Request) -> Response:
-    req = ChatCompletionRequest.model_validate(await _parse(request))
-    request.state.alias = req.model
+    req = await _read(request, ChatCompletionRequest)
     return _respond(await _gateway(request).chat(req, _principal(request)))
 
 
-@api_router.post(
-    "/v1/completions",
-    response_model=Completion,
-    responses=ERRORS,
-    openapi_extra=_body(CompletionRequest),
-)
+@_post("/v1/completions", CompletionRequest, Completion)
 async def completions(request: Request) -> Response:
-    req = CompletionRequest.model_validate(await _parse(request))
-    request.state.alias = req.model
+    req = await _read(request, CompletionRequest)
     return _respond(await _gateway(request).completion(req, _principal(request)))
 
 
-@api_router.post(
-    "/v1/alignpro/rewrite",
-    response_model=RewriteResponse,
-    responses=ERRORS,
-    openapi_extra=_body(RewriteRequest),
-)
+@_post("/v1/alignpro/rewrite", RewriteRequest, RewriteResponse)
 async def rewrite(request: Request) -> RewriteResponse:
-    req = RewriteRequest.model_validate(await _parse(request))
-    request.state.alias = req.model
+    req = await _read(request, RewriteRequest)
     return await _gateway(request).rewrite_only(req, _principal(request))
 
 
@@ -177,7 +156,8 @@ async def health() -> dict[str, str]:
 
 @ops_router.get("/ready", responses=ERRORS)
 async def ready(request: Request) -> Response:
-    if _drain(request).draining:
+    drain: Drain = request.app.state.drain
+    if drain.draining:
         return errors.error_response(
             UpstreamUnavailableError("the server is shutting down", code="shutting_down")
         )
@@ -190,4 +170,5 @@ async def ready(request: Request) -> Response:
 
 @ops_router.get("/metrics")
 async def metrics(request: Request) -> Response:
-    return Response(generate_latest(_metrics(request).registry), media_type=CONTENT_TYPE_LATEST)
+    served: Metrics = request.app.state.metrics
+    return Response(generate_latest(served.registry), media_type=CONTENT_TYPE_LATEST)

@@ -131,58 +131,12 @@ def _conjunctions(value: str, args: Args) -> bool:
     return len(found) >= _int(args, "small_n")
 
 
-_PERSON_NAMES = [
-    "Emma",
-    "Liam",
-    "Sophia",
-    "Jackson",
-    "Olivia",
-    "Noah",
-    "Ava",
-    "Lucas",
-    "Isabella",
-    "Mason",
-    "Mia",
-    "Ethan",
-    "Charlotte",
-    "Alexander",
-    "Amelia",
-    "Benjamin",
-    "Harper",
-    "Leo",
-    "Zoe",
-    "Daniel",
-    "Chloe",
-    "Samuel",
-    "Lily",
-    "Matthew",
-    "Grace",
-    "Owen",
-    "Abigail",
-    "Gabriel",
-    "Ella",
-    "Jacob",
-    "Scarlett",
-    "Nathan",
-    "Victoria",
-    "Elijah",
-    "Layla",
-    "Nicholas",
-    "Audrey",
-    "David",
-    "Hannah",
-    "Christopher",
-    "Penelope",
-    "Thomas",
-    "Nora",
-    "Andrew",
-    "Aria",
-    "Joseph",
-    "Claire",
-    "Ryan",
-    "Stella",
-    "Jonathan",
-]
+_PERSON_NAMES = (
+    "Emma Liam Sophia Jackson Olivia Noah Ava Lucas Isabella Mason Mia Ethan Charlotte Alexander Amelia "
+    "Benjamin Harper Leo Zoe Daniel Chloe Samuel Lily Matthew Grace Owen Abigail Gabriel Ella Jacob "
+    "Scarlett Nathan Victoria Elijah Layla Nicholas Audrey David Hannah Christopher Penelope Thomas Nora "
+    "Andrew Aria Joseph Claire Ryan Stella Jonathan"
+).split()
 
 
 @_register("count:person_names")
@@ -198,39 +152,10 @@ def _numbers(value: str, args: Args) -> bool:
 @_register("count:pronouns")
 def _pronouns(value: str, args: Args) -> bool:
     pronouns = set(
-        [
-            "i",
-            "me",
-            "my",
-            "mine",
-            "myself",
-            "we",
-            "us",
-            "our",
-            "ours",
-            "ourselves",
-            "you",
-            "your",
-            "yours",
-            "yourself",
-            "yourselves",
-            "he",
-            "him",
-            "his",
-            "himself",
-            "she",
-            "her",
-            "hers",
-            "herself",
-            "it",
-            "its",
-            "itself",
-            "they",
-            "them",
-            "their",
-            "theirs",
-            "themselves",
-        ]
+        (
+            "i me my mine myself we us our ours ourselves you your yours yourself yourselves he him his "
+            "himself she her hers herself it its itself they them their theirs themselves"
+        ).split()
     )
     text = value.replace("/", " ").lower().translate(_NO_PUNCT)
     return sum(1 for w in text.split() if w in pronouns) >= _int(args, "N")
@@ -433,25 +358,7 @@ def _odd_even_syllables(value: str, args: Args) -> bool:
     return all(a != b for a, b in itertools.pairwise(parity))
 
 
-_AUXILIARIES = frozenset(
-    [
-        "is",
-        "are",
-        "was",
-        "were",
-        "be",
-        "been",
-        "being",
-        "am",
-        "do",
-        "does",
-        "did",
-        "have",
-        "has",
-        "had",
-        "let",
-    ]
-)
+_AUXILIARIES = frozenset(("is are was were be been being am do does did have has had let").split())
 
 
 @_register("words:start_verb")
@@ -679,35 +586,11 @@ def _reverse_newline(value: str, args: Args) -> bool:
     return names == sorted(names, reverse=True)
 
 
-_EUROPEAN_CAPITALS = [
-    "Reykjavik",
-    "Helsinki",
-    "Oslo",
-    "Tallinn",
-    "Stockholm",
-    "Riga",
-    "Moscow",
-    "Copenhagen",
-    "Vilnius",
-    "Minsk",
-    "Dublin",
-    "Berlin",
-    "Amsterdam",
-    "Warsaw",
-    "London",
-    "Brussels",
-    "Prague",
-    "Luxembourg",
-    "Paris",
-    "Vienna",
-    "Bratislava",
-    "Budapest",
-    "Vaduz",
-    "Chisinau",
-    "Bern",
-    "Ljubljana",
-    "Zagreb",
-]
+_EUROPEAN_CAPITALS = (
+    "Reykjavik Helsinki Oslo Tallinn Stockholm Riga Moscow Copenhagen Vilnius Minsk Dublin Berlin "
+    "Amsterdam Warsaw London Brussels Prague Luxembourg Paris Vienna Bratislava Budapest Vaduz Chisinau "
+    "Bern Ljubljana Zagreb"
+).split()
 
 
 @_register("custom:european_capitals_sort")

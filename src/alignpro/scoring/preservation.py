@@ -23,71 +23,22 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from alignpro.scoring.text import BASE_VERBS, content_stems, normalize_quotes, split_sentences, stem, words
+from alignpro.scoring.text import (
+    BASE_VERBS,
+    FRAME_WORDS,
+    content_stems,
+    normalize_quotes,
+    split_sentences,
+    stem,
+    words,
+)
 
 # Words that say what kind of output is wanted rather than what the request is about.
-_FRAME_WORDS = frozenset(
-    [
-        "write",
-        "explain",
-        "give",
-        "tell",
-        "create",
-        "make",
-        "provide",
-        "describe",
-        "list",
-        "suggest",
-        "share",
-        "develop",
-        "design",
-        "generate",
-        "offer",
-        "outline",
-        "help",
-        "show",
-        "teach",
-        "instruct",
-        "guide",
-        "tutorial",
-        "step",
-        "steps",
-        "instructions",
-        "detailed",
-        "detail",
-        "how",
-        "way",
-        "ways",
-        "please",
-        "someone",
-        "something",
-        "using",
-        "use",
-        "can",
-        "could",
-        "would",
-        "need",
-        "want",
-        "know",
-        "like",
-        "also",
-        "me",
-        "safe",
-        "safely",
-        "legal",
-        "legally",
-        "ethical",
-        "responsible",
-        "responsibly",
-        "approach",
-        "method",
-        "methods",
-        "request",
-        "question",
-        "answer",
-        "respond",
-        "response",
-    ]
+_FRAME_WORDS = FRAME_WORDS | frozenset(
+    (
+        "me safe safely legal legally ethical responsible responsibly approach method methods request "
+        "question answer respond response"
+    ).split()
 )
 # Words that name the harm itself. When a harmful request contains some, only they define the harmful
 # ask, so a rewrite may keep the request's neutral words ("a letter to my landlord") without being flagged.

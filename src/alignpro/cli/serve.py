@@ -43,21 +43,13 @@ def cmd_models_prepare(args: argparse.Namespace) -> int:
 
 def cmd_rewrite(args: argparse.Namespace) -> int:
     from alignpro.cli.client import remote_rewrite, remote_url
-    from alignpro.protocol import AlignProOptions, RewriteRequest, RewriteResponse
-    from alignpro.server.gateway import Gateway
+    from alignpro.protocol import AlignProOptions, RewriteRequest
+    from alignpro.server.gateway import rewrite_in_process
 
     opts = AlignProOptions(mode=args.mode) if args.mode else None
-
-    async def run() -> RewriteResponse:
-        gw = Gateway(load(args))
-        await gw.start()
-        try:
-            return await gw.rewrite_only(RewriteRequest(model=args.model, prompt=args.prompt, alignpro=opts))
-        finally:
-            await gw.aclose()
-
+    req = RewriteRequest(model=args.model, prompt=args.prompt, alignpro=opts)
     # A gateway named by --url / ALIGNPRO_BASE_URL does the rewrite; otherwise this process loads the prompter.
-    res = remote_rewrite(args, opts) if remote_url(args) else asyncio.run(run())
+    res = remote_rewrite(args, opts) if remote_url(args) else asyncio.run(rewrite_in_process(load(args), req))
     if args.json:
         print(res.model_dump_json(indent=2, exclude_none=True))
     else:

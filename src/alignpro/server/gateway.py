@@ -359,6 +359,16 @@ def _apply(messages: list[dict[str, Any]], idx: int, rw: Rewrite) -> None:
         messages[idx] = {**messages[idx], "content": rw.prompt}
 
 
+async def rewrite_in_process(settings: Settings, req: RewriteRequest) -> RewriteResponse:
+    """One rewrite by a gateway started in this process for it (``alignpro rewrite`` without ``--url``)."""
+    gw = Gateway(settings)
+    await gw.start()
+    try:
+        return await gw.rewrite_only(req)
+    finally:
+        await gw.aclose()
+
+
 def _event_json(event: bytes) -> dict[str, Any]:
     try:
         data = json.loads(event[len(b"data: ") :])

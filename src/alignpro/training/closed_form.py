@@ -3,14 +3,18 @@
 Align-Pro's KL-regularised objective ``max_rho E_{x' ~ rho(.|x)} R(x, x') - lam KL(rho(.|x) || rho_ref(.|x))`` has
 the closed-form optimum ``rho*(x'|x) ∝ rho_ref(x'|x) exp(R(x, x') / lam)``. This trainer approximates it:
 
-1. for each training request x, draw K rewrites x'_1..x'_K from the current sampler (rho_ref in round 0);
-2. estimate ``R(x, x'_k)`` with the frozen model and the reward (:mod:`alignpro.scoring.estimate`);
+1. for each training request x, draw K rewrites x'_1..x'_K from the current sampler q (rho_ref in round 0), always
+   at temperature 1 with top-p 1 (:data:`~alignpro.training.config.PROPOSAL_TEMPERATURE`), so that q's density is
+   exactly the softmax whose log-probabilities step 3 uses;
+2. estimate ``R(x, x'_k)`` with the frozen model and the reward (:mod:`alignpro.scoring.estimate`), averaging m
+   frozen answers;
 3. weight the rewrites by ``w_k = softmax_k(R_k / lam + log rho_ref(x'_k) - log q(x'_k))``: the self-normalised
    importance weights of rho* against the sampler q; in round 0, q = rho_ref and this is ``softmax(R / lam)``;
 4. fit the LoRA prompter rho_theta by weighted SFT on the rewrite tokens only:
    ``min_theta - sum_x sum_k w_k log rho_theta(x'_k | x)``, a Monte-Carlo estimate of ``KL(rho* || rho_theta)`` up
    to a constant;
-5. optionally iterate (``rounds > 1``), sampling from rho_theta so later rounds look where rho* has its mass.
+5. iterate (``rounds > 1``), sampling from rho_theta so later rounds look where rho* has its mass; each round logs
+   the effective sample size of its weights (K: q is rho* already, 1: one rewrite carries a prompt).
 
 Everything runs in-process with transformers + peft; the frozen model is any engine (vLLM over HTTP is faster).
 The settings are :class:`~alignpro.training.config.ClosedFormConfig`; :func:`alignpro.training.pipeline.run`
@@ -35,7 +39,7 @@ import numpy as np
 from alignpro.engines.local import Generator, GenRequest, GenResult
 from alignpro.prompter.instruction import prompter_messages
 from alignpro.protocol import Contract
-from alignpro.training.config import ClosedFormConfig, TrainConfig
+from alignpro.training.config import PROPOSAL_TEMPERATURE, PROPOSAL_TOP_P, ClosedFormConfig, TrainConfig
 from alignpro.training.data import Example
 
 log = logging.getLogger(__name__)
@@ -68,7 +72,7 @@ class Sample:
     served: str | None = None  # the validated text (None: unusable, the original is served)
     reason: str | None = None
     reward: float = 0.0  # R(x, x')
-    logp_ref: float = 0.0  # log rho_ref(x'|x); both stay 0 in round 0 (drawn from rho_ref: the ratio is 1)
+    logp_ref: float = 0.0  # log rho_ref(x'|x); both stay 0 in round 0 (drawn from rho_ref at T=1: ratio 1)
     logp_q: float = 0.0  # under the sampler that drew it
     weight: float = 0.0
 
@@ -199,7 +203,8 @@ class Policy:
 def completion_logprobs(policy: Policy, samples: Sequence[Sample]) -> tuple[Any, Any]:
     """Per-token log-probabilities of each sample's completion under the policy's current adapter state:
     ``(logp [B, L], mask [B, L])``. Rows are left-padded so every completion ends in the last column, and only
-    the last L+1 positions get logits (``logits_to_keep``): the long shared prompt never meets the LM head."""
+    the L positions that predict them get logits (``logits_to_keep``): the long shared prompt never meets the LM
+    head."""
     import torch
 
     width = max(len(s.prompt_ids) + len(s.completion_ids) for s in samples)
@@ -215,10 +220,11 @@ def completion_logprobs(policy: Policy, samples: Sequence[Sample]) -> tuple[Any,
         if s.completion_ids:
             cmask[i, keep - len(s.completion_ids) :] = 1.0
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    # position t predicts token t+1: the `keep` positions before the last predict the last `keep` tokens
+    predicting = torch.arange(width - keep - 1, width - 1)
     logits = policy.model(
-        input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=keep + 1
-    ).logits
-    logits = logits[:, :-1].float()  # position t predicts token t+1: the last `keep` tokens
+        input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=predicting
+    ).logits.float()
     target = ids[:, width - keep :]
     lp = torch.log_softmax(logits, dim=-1).gather(2, target.unsqueeze(2)).squeeze(2)
     return lp * cmask, cmask
@@ -250,8 +256,14 @@ def prefix_shared_logprobs(policy: Policy, samples: Sequence[Sample]) -> tuple[A
     attn = torch.ones((n, p + keep + 1), dtype=torch.long)
     attn[:, p + 1 :] = (cmask > 0).long()  # right padding of the completions is masked out
     pos = torch.arange(p, p + keep + 1).unsqueeze(0).expand(n, -1)
-    logits = policy.model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=past).logits
-    logits = logits[:, :-1].float()
+    # the last position predicts nothing we score: no LM head there (half the work for one-token rewrites)
+    logits = policy.model(
+        input_ids=ids,
+        attention_mask=attn,
+        position_ids=pos,
+        past_key_values=past,
+        logits_to_keep=torch.arange(keep),
+    ).logits.float()
     lp = torch.log_softmax(logits, dim=-1).gather(2, ids[:, 1:].unsqueeze(2)).squeeze(2)
     return lp * cmask, cmask
 
@@ -308,17 +320,25 @@ def contract_of(cfg: TrainConfig) -> Contract:
 
 
 def sample_rewrites(
-    policy: Policy, examples: Sequence[Example], cfg: TrainConfig, k: int, *, adapter: bool, tag: str
+    policy: Policy,
+    examples: Sequence[Example],
+    cfg: TrainConfig,
+    k: int,
+    *,
+    adapter: bool,
+    tag: str,
+    exact: bool = False,
 ) -> list[Sample]:
-    """K rewrites per example from rho_theta (``adapter=True``) or rho_ref, with the config's sampling settings."""
+    """K rewrites per example from rho_theta (``adapter=True``) or rho_ref, with the config's sampling settings;
+    ``exact`` samples the untempered, untruncated softmax whatever the config says (the training proposal, KL)."""
     return policy.sample(
         examples,
         contract_of(cfg),
         k,
         adapter=adapter,
         max_new_tokens=cfg.max_new_tokens,
-        temperature=cfg.temperature,
-        top_p=cfg.top_p,
+        temperature=PROPOSAL_TEMPERATURE if exact else cfg.temperature,
+        top_p=PROPOSAL_TOP_P if exact else cfg.top_p,
         seed=cfg.seed,
         batch_size=cfg.gen_batch_size,
         tag=tag,
@@ -329,7 +349,8 @@ def estimate_kl(policy: Policy, probe: Sequence[Example], cfg: TrainConfig, step
     """``E_{x' ~ rho_theta}[log rho_theta(x'|x) - log rho_ref(x'|x)]`` on fresh rewrites of ``probe``."""
     if not probe:
         return 0.0
-    samples = sample_rewrites(policy, probe, cfg, 1, adapter=True, tag=f"kl-{step}")
+    # exact: the log-probabilities are T=1 softmaxes, so only T=1 samples make their mean difference a KL
+    samples = sample_rewrites(policy, probe, cfg, 1, adapter=True, tag=f"kl-{step}", exact=True)
     theta = policy.sequence_logprob(samples, adapter=True)
     ref = policy.sequence_logprob(samples, adapter=False)
     return float(np.mean([a - b for a, b in zip(theta, ref, strict=True)]))
@@ -349,7 +370,9 @@ def train_closed_form(
 ) -> dict[str, Any]:
     """Run the closed-form trainer; returns summary metrics. ``resume`` is the state of a checkpoint;
     ``reuse_samples`` reads already scored rounds from ``samples.jsonl`` (a resumed run, or a refit of saved samples
-    at another ``lam``: their weights are recomputed)."""
+    at another ``lam``: their weights are recomputed). The summary has each round's ESS (mean and min over prompts) for
+    the rounds this call drew or reweighed."""
+    cfg.check_proposal()  # a config mutated after construction must not slip a biased proposal through
     loop = _Loop(cfg, policy, train, score, out_dir, log_fn, progress, engine_sampler)
     if resume:
         loop.restore(resume)
@@ -364,6 +387,8 @@ def train_closed_form(
         state.update(round=rnd + 1, epoch=0, batch=0)
         loop.checkpoint()
         summary = {"steps": state["step"], "rounds": rnd + 1}
+    summary["ess_per_round"] = {str(r): e["ess_mean"] for r, e in sorted(loop.ess.items())}
+    summary["ess_min_per_round"] = {str(r): e["ess_min"] for r, e in sorted(loop.ess.items())}
     summary["kl_final"] = estimate_kl(policy, loop.probe, cfg, -1)
     log_fn({"event": "final", "step": state["step"], "kl": summary["kl_final"]})
     return summary
@@ -387,6 +412,7 @@ class _Loop:
     opt: Any = field(init=False)
     rng: random.Random = field(init=False)
     probe: list[Example] = field(init=False)
+    ess: dict[int, dict[str, float]] = field(default_factory=dict)  # per round: ess_mean, ess_min, ess_frac
 
     def __post_init__(self) -> None:
         import torch
@@ -417,13 +443,14 @@ class _Loop:
         # Weights are a function of the config (lam, the importance ratios): recompute them for samples read
         # back, so a saved round can be refitted at another lam without drawing or scoring it again.
         _weigh(samples, self.cfg)
+        self.ess[rnd] = _ess_stats(samples, self.cfg.k)
         self.log_fn(
             {
                 "event": "reweighed",
                 "round": rnd,
                 "samples": len(samples),
                 "lam": self.cfg.lam,
-                "ess_mean": _ess_mean(samples, self.train),
+                **self.ess[rnd],
             }
         )
         return samples
@@ -433,20 +460,24 @@ class _Loop:
         cfg, policy, train = self.cfg, self.policy, self.train
         t0 = time.process_time()
         if rnd == 0 and self.engine_sampler is not None:
+            # the engine must serve the prompter base at T=1, top_p=1 (pipeline.engine_rewrites) for q = rho_ref
             samples = policy.from_texts(train, contract_of(cfg), self.engine_sampler(train, cfg.k))
         else:
-            samples = sample_rewrites(policy, train, cfg, cfg.k, adapter=rnd > 0, tag=f"round-{rnd}")
+            samples = sample_rewrites(
+                policy, train, cfg, cfg.k, adapter=rnd > 0, tag=f"round-{rnd}", exact=True
+            )
         self.score(samples)
         if rnd > 0:
-            # Importance correction for samples drawn from rho_theta. Round 0 draws from rho_ref itself, where
-            # the ratio is 1: its log-probs stay 0 (skipping a forward pass over every sample and its
-            # few-shot prompt, ~10 min of one core for 480 samples of SmolLM2).
+            # Importance correction for samples drawn from rho_theta (at T=1, so log q is its softmax's). Round 0
+            # draws from rho_ref itself at T=1, where the ratio is exactly 1: its log-probs stay 0 (skipping a
+            # forward pass over every sample and its few-shot prompt, ~10 min of one core for 480 samples).
             ref = policy.sequence_logprob(samples, adapter=False)
             q = policy.sequence_logprob(samples, adapter=True)
             for s, a, b in zip(samples, ref, q, strict=True):
                 s.logp_ref, s.logp_q = a, b
         _weigh(samples, cfg)
         _save_round(self.out_dir / "samples.jsonl", rnd, samples)
+        self.ess[rnd] = _ess_stats(samples, cfg.k)
         self.log_fn(
             {
                 "event": "round",
@@ -455,7 +486,7 @@ class _Loop:
                 "reward_mean": float(np.mean([s.reward for s in samples])),
                 "unusable": sum(s.served is None for s in samples),
                 "sample_cpu_s": time.process_time() - t0,
-                "ess_mean": _ess_mean(samples, train),
+                **self.ess[rnd],
             }
         )
         return samples
@@ -515,32 +546,40 @@ class _Loop:
 
 
 def _weigh(samples: list[Sample], cfg: ClosedFormConfig) -> None:
-    by_id: dict[str, list[Sample]] = {}
-    for s in samples:
-        by_id.setdefault(s.example.id, []).append(s)
-    for group in by_id.values():
+    """Each prompt's self-normalised importance weights of rho* against the sampler (:func:`importance_weights`)."""
+    for group in _by_prompt(samples):
         ratio = [s.logp_ref - s.logp_q for s in group]
         ws = importance_weights([s.reward for s in group], cfg.lam, ratio)
         for s, w in zip(group, ws, strict=True):
             s.weight = w
 
 
-def _ess_mean(samples: list[Sample], train: Sequence[Example]) -> float:
-    """Mean over prompts of the effective sample size of their K weights (K: flat, 1: one rewrite takes all)."""
-    return float(
-        np.mean([effective_sample_size([s.weight for s in samples if s.example.id == e.id]) for e in train])
-    )
+def _by_prompt(samples: Sequence[Sample]) -> list[list[Sample]]:
+    by_id: dict[str, list[Sample]] = {}
+    for s in samples:
+        by_id.setdefault(s.example.id, []).append(s)
+    return list(by_id.values())
+
+
+def _ess_stats(samples: list[Sample], k: int) -> dict[str, float]:
+    """The effective sample size of each prompt's K weights (K: flat, q is rho* already; 1: one rewrite takes all),
+    as its mean and min over prompts and the mean as a fraction of K: how much a round's K rewrites are worth."""
+    ess = [effective_sample_size([s.weight for s in group]) for group in _by_prompt(samples)]
+    mean = float(np.mean(ess)) if ess else 0.0
+    return {"ess_mean": mean, "ess_min": float(min(ess, default=0.0)), "ess_frac": mean / max(k, 1)}
 
 
 def _groups(samples: list[Sample], cfg: ClosedFormConfig) -> list[list[Sample]]:
-    by_id: dict[str, list[Sample]] = {}
-    for s in samples:
-        if s.weight < cfg.min_weight or not s.completion_ids:
-            continue
-        if cfg.drop_unusable and s.served is None:
-            continue
-        by_id.setdefault(s.example.id, []).append(s)
-    return list(by_id.values())
+    """Each prompt's rewrites that are fitted: usable, non-empty, and with at least ``min_weight / K`` of weight
+    (relative to the flat weight 1/K, so a flat later round is never dropped whatever K is)."""
+    out = []
+    for group in _by_prompt(samples):
+        floor = cfg.min_weight / len(group)
+        kept = [s for s in group if s.weight >= floor and s.completion_ids]
+        kept = [s for s in kept if s.served is not None] if cfg.drop_unusable else kept
+        if kept:
+            out.append(kept)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ persistence

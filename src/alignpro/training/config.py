@@ -6,6 +6,10 @@
 * :class:`RLConfig` (``trainer: rl``): :mod:`alignpro.training.rl`.
 
 YAML keys are the field names; ``trainer`` picks the class (:func:`make_config`), and an unknown key is an error.
+
+The prompter samples at temperature 1 with top-p 1 by default: Align-Pro's objective and its optimum
+``rho* ∝ rho_ref exp(R/lam)`` are about the prompter's own softmax, and every log-probability the trainers compute is
+of that softmax. The closed-form trainer requires it (:data:`PROPOSAL_TEMPERATURE`).
 """
 
 from __future__ import annotations
@@ -17,6 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from alignpro.errors import ConfigError
+
+# The closed-form trainer's proposal q (the sampler of its K rewrites per prompt) is the prompter's untempered,
+# untruncated softmax: rho_ref in round 0, rho_theta after. Its importance weights
+# softmax(R/lam + log rho_ref - log q) need q's exact density, and the log-probabilities the trainer computes are T=1
+# softmaxes; a tempered or nucleus-truncated sampler is another q, whose density nobody computes, and round 0
+# (weighted as if q = rho_ref) would fit a sharpened rho_ref^(1/T)-like target instead of rho*.
+PROPOSAL_TEMPERATURE = 1.0
+PROPOSAL_TOP_P = 1.0
 
 
 @dataclass
@@ -47,12 +59,21 @@ class TrainConfig:
     contract: str = field(default="rewrite", metadata={"help": "rewrite | augment"})
     lam: float = field(default=0.1, metadata={"help": "KL weight lambda (> 0); rho* ∝ rho_ref exp(R/lam)."})
     # prompter sampling
-    k: int = field(default=4, metadata={"help": "Rewrites drawn per prompt (K)."})
+    k: int = field(
+        default=12,
+        metadata={"help": "Rewrites drawn per prompt (K); the self-normalised weights need a dozen or more."},
+    )
     max_new_tokens: int = field(
         default=64, metadata={"help": "Longest rewrite; a truncated one is unusable."}
     )
-    temperature: float = field(default=0.7, metadata={"help": "Prompter sampling temperature."})
-    top_p: float = field(default=0.95, metadata={"help": "Prompter nucleus sampling."})
+    temperature: float = field(
+        default=PROPOSAL_TEMPERATURE,
+        metadata={"help": "Prompter sampling temperature (1: the policy whose KL to rho_ref is penalised)."},
+    )
+    top_p: float = field(
+        default=PROPOSAL_TOP_P,
+        metadata={"help": "Prompter nucleus sampling (1: log-probabilities are of what was sampled)."},
+    )
     gen_batch_size: int = field(default=16, metadata={"help": "Rows decoded together by the prompter."})
     # frozen model, for R
     frozen_engine: str = field(
@@ -64,7 +85,10 @@ class TrainConfig:
     frozen_urls: list[str] = field(
         default_factory=list, metadata={"help": "openai: base URLs ending in /v1."}
     )
-    m: int = field(default=1, metadata={"help": "Frozen answers per rewrite for the R estimate."})
+    m: int = field(
+        default=4,
+        metadata={"help": "Frozen answers per rewrite for the R estimate (its noise variance falls as 1/m)."},
+    )
     response_max_tokens: int = field(
         default=64, metadata={"help": "Longest frozen answer while estimating R."}
     )
@@ -99,14 +123,32 @@ class ClosedFormConfig(TrainConfig):
     """The closed-form trainer (weighted MLE towards rho*)."""
 
     trainer: str = field(default="closed-form", metadata={"help": "closed-form"})
+    temperature: float = field(
+        default=PROPOSAL_TEMPERATURE,
+        metadata={"help": "Must be 1: the proposal's exact density enters the importance weights."},
+    )
+    top_p: float = field(
+        default=PROPOSAL_TOP_P,
+        metadata={"help": "Must be 1: the proposal's exact density enters the importance weights."},
+    )
     rounds: int = field(
-        default=1, metadata={"help": "Sample -> weight -> fit rounds; round r>0 samples rho_theta."}
+        default=3,
+        metadata={
+            "help": "Sample -> weight -> fit rounds; round r>0 samples rho_theta and importance-corrects to "
+            "rho*, so later rounds look where rho* has its mass (the ESS of each round is logged)."
+        },
     )
     epochs: int = field(default=2, metadata={"help": "Passes over the weighted rewrites per round."})
     prompts_per_step: int = field(
         default=2, metadata={"help": "Prompts (each with its K rewrites) per step."}
     )
-    min_weight: float = field(default=0.01, metadata={"help": "Rewrites with a smaller weight are skipped."})
+    min_weight: float = field(
+        default=0.05,
+        metadata={
+            "help": "Skip rewrites whose weight is below min_weight / K (a fraction of the flat weight 1/K): at "
+            "most this share of a prompt's mass is dropped, whatever K."
+        },
+    )
     sample_with_engine: bool = field(
         default=False,
         metadata={
@@ -126,6 +168,20 @@ class ClosedFormConfig(TrainConfig):
         default=True, metadata={"help": "Never imitate unusable rewrites (empty/truncated/off-topic)."}
     )
 
+    def __post_init__(self) -> None:
+        self.check_proposal()
+
+    def check_proposal(self) -> None:
+        """Raise :class:`ConfigError` unless the proposal is the untempered, untruncated prompter (see
+        :data:`PROPOSAL_TEMPERATURE`)."""
+        if (self.temperature, self.top_p) != (PROPOSAL_TEMPERATURE, PROPOSAL_TOP_P):
+            raise ConfigError(
+                f"closed-form samples its rewrites at temperature {PROPOSAL_TEMPERATURE:g} and top_p "
+                f"{PROPOSAL_TOP_P:g} (got temperature={self.temperature:g}, top_p={self.top_p:g}): its importance "
+                "weights softmax(R/lam + log rho_ref - log q) need the sampler's exact density, which a tempered "
+                "or truncated sampler does not have"
+            )
+
 
 @dataclass
 class RLConfig(TrainConfig):
@@ -137,7 +193,11 @@ class RLConfig(TrainConfig):
     prompts_per_step: int = field(default=2, metadata={"help": "Prompts per step; each gets K generations."})
     loss_type: str = field(default="dapo", metadata={"help": "GRPO loss normalisation (TRL's loss_type)."})
     scale_rewards: str = field(
-        default="group", metadata={"help": "GRPO advantage scaling: group | batch | none."}
+        default="none",
+        metadata={
+            "help": "GRPO advantage scaling: none | group | batch. none keeps the advantages in reward units, so "
+            "beta = lam weighs the KL as in r - lam KL; group/batch divide by a reward spread, which rescales lam."
+        },
     )
     cpu_budget_s: float | None = field(
         default=None,

@@ -42,6 +42,7 @@ from alignpro.scoring.estimate import FrozenSampling, LoopThread, REstimator
 from alignpro.scoring.rewards import load_reward
 from alignpro.training import closed_form as cf
 from alignpro.training.artifacts import JsonlLog, plot_curves, write_adapter_meta
+from alignpro.training.config import PROPOSAL_TEMPERATURE, PROPOSAL_TOP_P
 from alignpro.training.data import Example, balanced, data_hash, load_prompts
 from alignpro.training.rl import RReward, train_rl
 
@@ -292,7 +293,9 @@ def _engine_samples(ctx: RunContext, rows: Sequence[Example], k: int) -> Rewrite
 
 
 async def engine_rewrites(engine: Any, rows: Sequence[Any], cfg: Any, k: int) -> Rewrites:
-    """K rho_ref outputs per row drawn through ``engine`` (one request with n=K each, bounded concurrency)."""
+    """K rho_ref outputs per row drawn through ``engine`` (one request with n=K each, bounded concurrency), at
+    temperature 1 and top-p 1 whatever the config says: these are round 0's proposal, weighted as draws from rho_ref
+    itself (importance ratio 1), which only the untempered, untruncated softmax is."""
     sem = asyncio.Semaphore(max(1, cfg.concurrency))
 
     async def one(text: str) -> list[tuple[str, str | None]]:
@@ -301,8 +304,8 @@ async def engine_rewrites(engine: Any, rows: Sequence[Any], cfg: Any, k: int) ->
             cfg.contract,
             model=engine.default_model(),
             max_tokens=cfg.max_new_tokens,
-            temperature=cfg.temperature,
-            top_p=cfg.top_p,
+            temperature=PROPOSAL_TEMPERATURE,
+            top_p=PROPOSAL_TOP_P,
             n=k,
         )
         async with sem:
@@ -432,7 +435,8 @@ def _optimal_rewrites(
     seed_tag: str,
 ) -> list[str | None]:
     """One rewrite per dev row from the rho* sampler: K rho_ref candidates, one chosen by ``selector``'s R."""
-    cands = cf.sample_rewrites(policy, dev, cfg, k, adapter=False, tag=f"{seed_tag}-optimal")
+    # exact: resampling by exp(R/lam) turns draws from rho_ref into draws from rho* only if they are rho_ref's (T=1)
+    cands = cf.sample_rewrites(policy, dev, cfg, k, adapter=False, tag=f"{seed_tag}-optimal", exact=True)
     texts = [validator(c.example.prompt, c.text, c.finish_reason, cfg.contract).text for c in cands]
     r_sel = selector.estimate(
         runner, [c.example.prompt for c in cands], texts, [c.example.kind for c in cands]

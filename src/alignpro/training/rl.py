@@ -7,6 +7,30 @@ completion x' is the R estimate of :mod:`alignpro.scoring.estimate`: the output 
 would (an unusable one serves the original prompt), the frozen model answers, and the reward scores the answer
 on the ORIGINAL request.
 
+What TRL 1.x optimises with ``beta`` (read from ``trl/trainer/grpo_trainer.py`` and ``rloo_trainer.py``, 1.16):
+
+* GRPO adds ``beta * k3`` to each sampled token's loss, ``k3 = exp(ref - logp) - (ref - logp) - 1`` with ``logp``,
+  ``ref`` the token's log-probability under rho_theta and rho_ref (adapter disabled). Under tokens sampled from
+  rho_theta, ``E[k3] = KL(rho_theta(.|s) || rho_ref(.|s))``: the logged ``kl`` is the paper's direction. Its gradient
+  as a loss is another matter: with the samples held fixed, ``E[grad k3] = grad KL(rho_ref(.|s) || rho_theta(.|s))``,
+  the REVERSED direction (the two gradients agree only near rho_ref). TRL's ``use_bias_correction_kl`` (True by
+  default in 1.16) multiplies k3 by the ratio ``pi_theta / pi_old``, 1 in value but differentiable, which adds
+  ``E[k3 grad logp]`` and makes the gradient that of ``KL(rho_theta(.|s) || rho_ref(.|s))``, the paper's direction,
+  per token. We set it explicitly (:func:`_trainer_args`) so that a changed default cannot flip the direction
+  (``tests/unit/training/test_closed_form_math.py`` checks both gradients). It stays a per-token penalty at the
+  visited states: the term through which theta changes the later states (the KL still to come, as a return) is
+  left out, so it is a biased gradient of the sequence-level ``KL(rho_theta || rho_ref)`` away from rho_ref.
+* ``scale_rewards="none"`` (our default): the advantage is ``r - mean_group(r)`` in reward units, so the loss is a
+  policy-gradient estimate of ``E[R] - beta KL`` with ``beta = lam``. ``group``/``batch`` divide the advantages by a
+  reward standard deviation, which multiplies the effective lam by that (varying) spread. ``loss_type="dapo"``
+  averages both terms over the batch's tokens, one common factor, so it leaves their ratio alone.
+* RLOO puts the KL in the reward: ``r - beta * sum_t (logp_old - ref)``, a sequence-level estimate of
+  ``KL(rho_theta || rho_ref)`` in a score-function gradient (unnormalised advantages by default): the paper's
+  objective exactly, at the cost of a noisier KL estimate.
+
+Both compute log-probabilities of ``logits / temperature`` and ignore ``top_p``: sample at temperature 1 with top-p 1
+(the defaults) so that the policy optimised is the prompter's softmax and its samples are the ones scored.
+
 Generation runs with transformers (CPU here); ``use_vllm`` hands it to a ``trl vllm-serve`` server on a GPU.
 TRL's own checkpoints give ``--resume``; its log lines feed the JSON-lines log and the curves. The settings are
 :class:`~alignpro.training.config.RLConfig`; :func:`alignpro.training.pipeline.run` supplies the data, the R
@@ -15,6 +39,7 @@ estimator and the evaluation.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -22,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from alignpro import embedded
+from alignpro.errors import ConfigError
 from alignpro.prompter.instruction import prompter_messages
 from alignpro.prompter.validate import OutputValidator
 from alignpro.protocol import Contract
@@ -197,7 +223,20 @@ def _trainer_args(cfg: RLConfig, out_dir: Path, progress: bool) -> tuple[Any, An
     if cfg.algorithm == "grpo":
         from trl import GRPOConfig, GRPOTrainer
 
-        args = GRPOConfig(**common, loss_type=cfg.loss_type, scale_rewards=cfg.scale_rewards, **vllm)
+        # Without the bias correction the k3 penalty's gradient is that of KL(rho_ref || rho_theta), the reversed
+        # direction (module docstring); TRL versions that lack the option cannot optimise the paper's KL.
+        if "use_bias_correction_kl" not in {f.name for f in dataclasses.fields(GRPOConfig)}:
+            raise ConfigError(
+                "algorithm: grpo needs a TRL with GRPOConfig.use_bias_correction_kl (see constraints.txt); "
+                "or use algorithm: rloo, whose KL is in the reward"
+            )
+        args = GRPOConfig(
+            **common,
+            loss_type=cfg.loss_type,
+            scale_rewards=cfg.scale_rewards,
+            use_bias_correction_kl=True,
+            **vllm,
+        )
         return args, GRPOTrainer
     if cfg.algorithm == "rloo":
         from trl import RLOOConfig, RLOOTrainer

@@ -169,6 +169,7 @@ def _cfg(tmp: Path, tiny: Path, **kw: Any) -> ClosedFormConfig:
         response_max_tokens=4,
         temperature=1.0,
         top_p=1.0,
+        rounds=1,
         epochs=3,
         prompts_per_step=2,
         lam=0.1,

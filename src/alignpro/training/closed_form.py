@@ -587,9 +587,7 @@ def _sample_row(rnd: int, s: Sample) -> dict[str, Any]:
     """One line of ``samples.jsonl``."""
     return {
         "round": rnd,
-        "id": s.example.id,
-        "prompt": s.example.prompt,
-        "kind": s.example.kind,
+        **s.example.as_dict(),
         "prompt_ids": s.prompt_ids,
         "completion_ids": s.completion_ids,
         "text": s.text,
@@ -606,7 +604,13 @@ def _sample_row(rnd: int, s: Sample) -> dict[str, Any]:
 def _row_sample(r: dict[str, Any]) -> Sample:
     """The inverse of :func:`_sample_row`."""
     return Sample(
-        example=Example(r["id"], r["prompt"], r["kind"]),
+        example=Example(
+            r["id"],
+            r["prompt"],
+            r["kind"],
+            tuple(r.get("instruction_id_list") or ()),
+            tuple(r.get("kwargs") or ()),
+        ),
         prompt_ids=r["prompt_ids"],
         completion_ids=r["completion_ids"],
         text=r["text"],

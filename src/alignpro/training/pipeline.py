@@ -43,7 +43,7 @@ from alignpro.scoring.rewards import load_reward
 from alignpro.training import closed_form as cf
 from alignpro.training.artifacts import JsonlLog, plot_curves, write_adapter_meta
 from alignpro.training.config import PROPOSAL_TEMPERATURE, PROPOSAL_TOP_P
-from alignpro.training.data import Example, balanced, data_hash, load_prompts
+from alignpro.training.data import Example, balanced, data_hash, load_prompts, reward_columns
 from alignpro.training.rl import RReward, train_rl
 
 Rewrites = list[list[tuple[str, str | None]]]  # per row, K (text, finish reason) prompter outputs
@@ -269,11 +269,13 @@ def _score_samples(ctx: RunContext, samples: list[cf.Sample]) -> None:
     """The closed-form trainer's scorer: validate each sample, then R of what is served (the original request
     where the rewrite is unusable)."""
     _validate(samples, ctx.validator, ctx.cfg.contract)
+    examples = [s.example for s in samples]
     rs = ctx.estimator.estimate(
         ctx.runner,
-        [s.example.prompt for s in samples],
+        [e.prompt for e in examples],
         [s.served for s in samples],
-        [s.example.kind for s in samples],
+        [e.kind for e in examples],
+        columns=reward_columns(examples),
     )
     for s, r in zip(samples, rs, strict=True):
         s.reward = r
@@ -371,22 +373,23 @@ def evaluate(
     rho_ref on the sampled trained rewrites. ``estimator`` answers with a seed the training never used."""
     xs = [e.prompt for e in dev]
     kinds = [e.kind for e in dev]
+    cols = reward_columns(dev)
     out: dict[str, Any] = {"n": len(dev), "kinds": {k: kinds.count(k) for k in sorted(set(kinds))}}
     t0 = time.process_time()
-    per_mode = {"none": estimator.estimate(runner, xs, [None] * len(xs), kinds)}
+    per_mode = {"none": estimator.estimate(runner, xs, [None] * len(xs), kinds, cols)}
     rewrites: dict[str, list[str | None]] = {}
     for mode, adapter in (("reference", False), ("trained", True)):
         samples = cf.sample_rewrites(policy, dev, cfg, 1, adapter=adapter, tag=f"{seed_tag}-{mode}")
         out[f"{mode}_fallbacks"] = _validate(samples, validator, cfg.contract)
         rewrites[mode] = [s.served for s in samples]
-        per_mode[mode] = estimator.estimate(runner, xs, rewrites[mode], kinds)
+        per_mode[mode] = estimator.estimate(runner, xs, rewrites[mode], kinds, cols)
         if adapter:
             out.update(_kl_stats(policy, samples))
     if optimal_k > 0 and selector is not None:
         rewrites["optimal"] = _optimal_rewrites(
             policy, dev, selector, runner, cfg, validator, optimal_k, seed_tag
         )
-        per_mode["optimal"] = estimator.estimate(runner, xs, rewrites["optimal"], kinds)
+        per_mode["optimal"] = estimator.estimate(runner, xs, rewrites["optimal"], kinds, cols)
     for mode, rs in per_mode.items():
         out[mode] = _reward_stats(rs, kinds)
     if "trained" in per_mode:
@@ -438,8 +441,9 @@ def _optimal_rewrites(
     # exact: resampling by exp(R/lam) turns draws from rho_ref into draws from rho* only if they are rho_ref's (T=1)
     cands = cf.sample_rewrites(policy, dev, cfg, k, adapter=False, tag=f"{seed_tag}-optimal", exact=True)
     texts = [validator(c.example.prompt, c.text, c.finish_reason, cfg.contract).text for c in cands]
+    examples = [c.example for c in cands]
     r_sel = selector.estimate(
-        runner, [c.example.prompt for c in cands], texts, [c.example.kind for c in cands]
+        runner, [e.prompt for e in examples], texts, [e.kind for e in examples], reward_columns(examples)
     )
     rng = random.Random(cfg.seed)
     return [texts[i * k + choose(r_sel[i * k : (i + 1) * k], cfg.lam, rng)] for i in range(len(dev))]

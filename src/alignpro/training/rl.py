@@ -40,6 +40,7 @@ estimator and the evaluation.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -53,7 +54,7 @@ from alignpro.prompter.validate import OutputValidator
 from alignpro.protocol import Contract
 from alignpro.scoring.estimate import LoopThread, REstimator
 from alignpro.training.config import RLConfig
-from alignpro.training.data import Example
+from alignpro.training.data import Example, reward_columns
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,7 @@ class RReward:
         completion_ids: list[list[int]] | None = None,
         original: list[str] | None = None,
         kind: list[str] | None = None,
+        constraints: list[str] | None = None,
         **kw: Any,
     ) -> list[float]:
         if original is None or kind is None:
@@ -98,7 +100,18 @@ class RReward:
             served.append(parsed.text)
             self.unusable += parsed.text is None
         self.seen += len(completions)
-        return self.estimator.estimate(self.runner, original, served, kind)
+        return self.estimator.estimate(self.runner, original, served, kind, columns=_columns(constraints))
+
+
+def _columns(constraints: list[str] | None) -> dict[str, list[Any]] | None:
+    """The reward columns of a batch from the dataset's JSON ``constraints`` column (see :func:`make_dataset`)."""
+    if not constraints:
+        return None
+    rows = [json.loads(c) for c in constraints]
+    return {
+        "instruction_id_list": [(r.get("instruction_id_list") or [[]])[0] for r in rows],
+        "kwargs": [(r.get("kwargs") or [[]])[0] for r in rows],
+    }
 
 
 def make_dataset(examples: Sequence[Example], contract: Contract) -> Any:
@@ -111,6 +124,8 @@ def make_dataset(examples: Sequence[Example], contract: Contract) -> Any:
                 "original": e.prompt,
                 "kind": e.kind,
                 "id": e.id,
+                # JSON: Arrow cannot hold the kwargs dicts, whose keys differ from row to row.
+                "constraints": json.dumps(reward_columns([e]), ensure_ascii=False),
             }
             for e in examples
         ]

@@ -334,12 +334,16 @@ def test_client_disconnect_cancels_the_vllm_request(gateway: Server, vllm: Serve
     with httpx.Client(timeout=TIMEOUT) as http:
         with http.stream("POST", f"{gateway.url}/v1/chat/completions", json=body) as r:
             assert r.status_code == 200
-            seen = 0
+            seen, running_seen = 0, 0.0
             for line in r.iter_lines():
                 seen += line.startswith("data: {")
+                # vLLM updates its gauges between scheduler steps: read on until it shows the request running
+                # (a loaded machine once answered 0 after 4 chunks), at most a few hundred of the 1800 tokens.
                 if seen >= 4:
+                    running_seen = prometheus_value(vllm_metrics(vllm), "vllm:num_requests_running")
+                if running_seen == 1 or seen >= 300:
                     break
-            assert prometheus_value(vllm_metrics(vllm), "vllm:num_requests_running") == 1
+            assert running_seen == 1
         closed = time.monotonic()  # leaving the block closed the connection to the gateway mid-stream
     running = 1.0
     while time.monotonic() - closed < 30:

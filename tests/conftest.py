@@ -10,7 +10,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from alignpro.testing.servers import start_gateway
+from alignpro.testing.faults import FaultInjector
+from alignpro.testing.servers import free_port, start_gateway
 
 
 @pytest.fixture(scope="session")
@@ -63,3 +64,11 @@ def tiny_model(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="module")
+def faults() -> Iterator[FaultInjector]:
+    """A scripted OpenAI-compatible upstream on loopback (instant answers, faults on request), one per module."""
+    fi = FaultInjector(free_port()).start()
+    yield fi
+    fi.stop()

@@ -73,13 +73,6 @@ def fast_config(faults: FaultInjector, extra: str = "") -> str:
 
 
 @pytest.fixture(scope="module")
-def faults() -> Iterator[FaultInjector]:
-    fi = FaultInjector(free_port()).start()
-    yield fi
-    fi.stop()
-
-
-@pytest.fixture(scope="module")
 def fast_gateway(faults: FaultInjector, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """`alignpro serve` in front of the FaultInjector: instant answers, real HTTP, real gateway code."""
     server, url = start_gateway(tmp_path_factory.mktemp("fastgw"), fast_config(faults, "read_timeout_s: 5\n"))

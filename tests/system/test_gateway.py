@@ -224,13 +224,6 @@ def test_openai_engine_relays_upstream_client_errors(front: str) -> None:
 
 # ------------------------------------------------------------------------------- faults
 @pytest.fixture(scope="module")
-def faults() -> Iterator[FaultInjector]:
-    fi = FaultInjector(free_port()).start()
-    yield fi
-    fi.stop()
-
-
-@pytest.fixture(scope="module")
 def faulty_gateway(faults: FaultInjector, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     dead = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
     # One engine per fault: a replica that keeps failing is ejected (circuit breaker), which would otherwise

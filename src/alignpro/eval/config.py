@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from alignpro.engines.factory import EngineSpec
+from alignpro.engines.factory import EngineSpec, split_url_model
 from alignpro.errors import ConfigError
 from alignpro.protocol import Contract, Mode
 from alignpro.settings import TRAINED
@@ -224,10 +224,7 @@ def run_methods(cfg: EvalConfig) -> list[Method]:
 
 def judge_endpoint(spec: str) -> tuple[str, str]:
     """``--judge``'s ``http://host:port/v1#model`` (``judge:`` in front allowed) as (base URL, model)."""
-    base_url, hash_, model = spec.removeprefix("judge:").rpartition("#")
-    if not hash_ or not base_url or not model:
-        raise ConfigError(f"--judge {spec!r} must look like http://host:port/v1#model")
-    return base_url, model
+    return split_url_model(spec.removeprefix("judge:"), "--judge")
 
 
 def select_prompts(cfg: EvalConfig) -> list[Example]:

@@ -115,7 +115,8 @@ def for_stage(
     stage: Any,
     frozen: Engine,
     frozen_model: str | None = None,
-    reward: str | RewardFn = "safe-and-helpful",
+    *,
+    reward: str | RewardFn,
     sampling: FrozenSampling | None = None,
 ) -> OptimalSampler:
     """The sampler the gateway installs on an alias: candidates from the alias's prompter stage, R from the alias's

@@ -14,7 +14,7 @@
 #   ALIGNPRO_CONFIG      YAML settings file, e.g. a mounted deploy/gateway.yaml (env vars override it)
 #   ALIGNPRO_HOST        listen address; 0.0.0.0 here so the published port reaches the server
 #   ALIGNPRO_PORT        listen port (8000, the settings default; EXPOSE and HEALTHCHECK follow it)
-#   ALIGNPRO_API_KEYS    JSON list of accepted keys, e.g. '["sk-a","sk-b"]'; pass it at run time, never bake it
+#   ALIGNPRO_API_KEYS    accepted keys: sk-a, sk-a,sk-b or a JSON list; pass it at run time, never bake it
 #   ALIGNPRO_ENGINES__<ENGINE>__API_KEY   bearer token sent to that upstream (e.g. vLLM's --api-key)
 #   ALIGNPRO_LOG_LEVEL   info | debug | warning ...
 #   ALIGNPRO_HOME        prepared models (read-only here); /opt/alignpro

@@ -56,7 +56,12 @@ class AlignProInfo(_Open):
     contract: Contract | None = None
     original_prompt: str | None = None
     rewritten_prompt: str | None = None
-    rewritten: bool = False
+    rewritten: bool = Field(
+        False, description="The prompt sent to the frozen model differs from the original."
+    )
+    kept: bool = Field(
+        False, description="The prompter ran and chose to keep the prompt as it is (it answered KEEP)."
+    )
     guidance: str | None = Field(None, description="augment contract: the system guidance that was added.")
     fallback: str | None = Field(
         None, description="Why the original prompt was used, when the prompter failed."

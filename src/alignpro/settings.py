@@ -17,17 +17,28 @@ Nested values can also come from the environment: ``ALIGNPRO_ENGINES='{"vllm": {
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     YamlConfigSettingsSource,
 )
+from pydantic_settings.exceptions import SettingsError
 
 from alignpro.errors import ConfigError
 from alignpro.protocol import Contract, Mode
@@ -105,6 +116,58 @@ class AliasConfig(BaseModel):
     prompter: PrompterConfig = Field(default_factory=PrompterConfig)
 
 
+class ApiKeyConfig(BaseModel):
+    """One client key and its policy; a field left unset takes the gateway-wide setting of the same name."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    key: SecretStr = Field(..., min_length=1)
+    aliases: list[str] | None = Field(None, description="The aliases this key may use (none = every alias).")
+    allow_mode_override: bool | None = Field(None, description="May this key send alignpro.mode/contract?")
+    reveal_rewrite: bool | None = Field(None, description="Are the prompts shown to this key?")
+    rate_limit_rpm: float | None = Field(None, ge=0, description="Requests per minute (0 = unlimited).")
+    rate_limit_tpm: float | None = Field(None, ge=0, description="Tokens per minute (0 = unlimited).")
+    max_concurrent: int | None = Field(None, ge=0, description="Concurrent requests (0 = unlimited).")
+
+    @field_validator("key")
+    @classmethod
+    def _plain(cls, v: SecretStr) -> SecretStr:
+        if v.get_secret_value() != v.get_secret_value().strip() or ":" in v.get_secret_value():
+            raise ValueError("an API key has no spaces around it and no ':'")
+        return v
+
+
+def parse_key_entry(entry: str) -> dict[str, Any]:
+    """``KEY`` or ``KEY:ALIAS1,ALIAS2`` (only those aliases) -> the fields of an :class:`ApiKeyConfig`."""
+    key, sep, rest = entry.strip().partition(":")
+    if not sep:
+        return {"key": key.strip()}
+    return {"key": key.strip(), "aliases": [a.strip() for a in rest.split(",") if a.strip()]}
+
+
+def parse_api_keys(value: Any) -> Any:
+    """``api_keys`` as users of other gateways write it: ``sk-1``, ``sk-1,sk-2``, or a JSON list whose items are
+    ``KEY[:ALIASES]`` strings or :class:`ApiKeyConfig` objects."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            try:
+                value = json.loads(text)
+            except ValueError as exc:
+                raise ValueError(f"api_keys looks like JSON but is not valid JSON ({exc})") from None
+        else:
+            value = [k.strip() for k in text.split(",") if k.strip()]
+            if any(":" in k for k in value):
+                # "sk-1:a,b" would read as the keys "sk-1:a" and "b": per-key aliases need a form without that doubt.
+                raise ValueError(
+                    "a comma-separated api_keys holds plain keys; give per-key aliases as a JSON list "
+                    "('[\"KEY:ALIAS1,ALIAS2\"]') or in api_keys_file"
+                )
+    if isinstance(value, list):
+        return [parse_key_entry(v) if isinstance(v, str) else v for v in value]
+    return value
+
+
 PROMPTER_ADAPTER = "alignpro-prompter"  # the name the shipped prompter adapter is served under
 
 
@@ -148,14 +211,26 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(600.0, gt=0, description="Total budget of a non-streaming request.")
     rewrite_cache_size: int = Field(4096, ge=0, description="Cached rewrites (0 disables the cache).")
     rewrite_cache_ttl_s: float = Field(3600.0, gt=0)
-    api_keys: list[SecretStr] = Field(
+    # NoDecode: the environment's value reaches parse_api_keys as text, so a plain `sk-1` is a key, not bad JSON.
+    api_keys: Annotated[list[ApiKeyConfig], NoDecode] = Field(
         default_factory=list,
-        description="Accepted API keys, each KEY or KEY:ALIAS1,ALIAS2 (only those aliases); none = open.",
+        description="Accepted API keys: `sk-1`, `sk-1,sk-2`, or a JSON list of KEY, KEY:ALIAS1,ALIAS2 or "
+        "{key, aliases, allow_mode_override, reveal_rewrite, rate_limit_rpm, rate_limit_tpm, max_concurrent} "
+        "objects; none = open.",
     )
-    api_keys_file: Path | None = Field(None, description="More keys, one entry a line (# comments).")
+    api_keys_file: Path | None = Field(
+        None,
+        description="More keys: a text file of KEY[:ALIASES] lines (# comments), or a .yaml/.json list of "
+        "key objects (as in api_keys).",
+    )
     rate_limit_rpm: float = Field(0.0, ge=0, description="Requests per minute per key (0 = unlimited).")
     rate_limit_burst: int = Field(0, ge=0, description="Token-bucket size (0 = one minute's worth).")
-    max_concurrent_per_key: int = Field(0, ge=0, description="Concurrent requests per key (0 = unlimited).")
+    rate_limit_tpm: float = Field(
+        0.0, ge=0, description="Tokens (prompt + completion) per minute per key (0 = unlimited)."
+    )
+    max_concurrent_per_key: int = Field(
+        0, ge=0, description="Concurrent requests per key and gateway process (0 = unlimited)."
+    )
     shutdown_grace_s: float = Field(30.0, ge=0, description="How long SIGTERM waits for in-flight requests.")
     log_level: str = "info"
 
@@ -175,6 +250,11 @@ class Settings(BaseSettings):
             sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=path))
         return tuple(sources)
 
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _api_keys(cls, v: Any) -> Any:
+        return parse_api_keys(v)
+
     @model_validator(mode="after")
     def _check_refs(self) -> Settings:
         for name, alias in self.aliases.items():
@@ -192,4 +272,17 @@ def load_settings(config: str | Path | None = None, **overrides: Any) -> Setting
         if not Path(config).is_file():
             raise ConfigError(f"config file {config} does not exist")
         overrides["config"] = Path(config)
-    return Settings(**overrides)
+    try:
+        return Settings(**overrides)
+    except SettingsError as exc:  # a value the environment could not decode (JSON of a nested setting)
+        raise ConfigError(f"invalid setting: {exc}") from None
+    except ValidationError as exc:
+        raise ConfigError(f"invalid settings: {describe_errors(exc)}") from None
+
+
+def describe_errors(exc: ValidationError) -> str:
+    """The errors of ``exc`` on one line each, without the input values (a key must never reach a log)."""
+    return "; ".join(
+        f"{'.'.join(str(p) for p in e['loc']) or 'settings'}: {e['msg']}"
+        for e in exc.errors(include_input=False)
+    )

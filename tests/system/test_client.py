@@ -514,7 +514,7 @@ def test_real_model_chat_completion_stream_and_rewrite(gateway_url: str) -> None
         # The real prompter: the rewrite endpoint and the alignpro object agree with each other.
         res = c.rewrite(model="smollm2-aligned", prompt="How do I pick a lock?")
         assert res.alignpro.original_prompt == "How do I pick a lock?" and res.alignpro.mode == "adapter"
-        assert res.prompt and (res.alignpro.rewritten or res.alignpro.fallback)
+        assert res.prompt and (res.alignpro.rewritten or res.alignpro.kept or res.alignpro.fallback)
         if res.alignpro.rewritten:
             assert res.prompt == res.alignpro.rewritten_prompt
 

@@ -39,8 +39,8 @@ def test_chat_through_the_prompter(client: openai.OpenAI) -> None:
     info = (resp.model_extra or {})["alignpro"]
     assert info["original_prompt"] == "Name one colour of the rainbow."
     assert info["mode"] in ("reference", "adapter")
-    # Either the prompter rewrote it, or it says why it kept the original.
-    assert info["rewritten"] is True or info.get("fallback")
+    # Either the prompter rewrote it, chose to keep it (KEEP), or it says why it fell back to the original.
+    assert info["rewritten"] is True or info["kept"] is True or info.get("fallback")
     if info["rewritten"]:
         assert info["rewritten_prompt"]
     assert raw.headers["x-alignpro-mode"] == info["mode"]

@@ -18,8 +18,9 @@ import httpx
 import pytest
 
 from alignpro.errors import AuthenticationError, PermissionDeniedError, RateLimitError
-from alignpro.server.auth import KeyStore, parse_entry
-from alignpro.server.limits import KeyLimiter, TokenBucket
+from alignpro.server.auth import KeyStore, Principal
+from alignpro.server.limits import KeyLimiter, Limits, TokenBucket
+from alignpro.settings import ApiKeyConfig, parse_key_entry
 from alignpro.testing.faults import FaultInjector
 from alignpro.testing.servers import Server, free_port, start_gateway
 
@@ -45,10 +46,14 @@ def chat(model: str = "ok", **extra: object) -> dict[str, object]:
 
 
 # ------------------------------------------------------------------------------------------ pure parts
+def _store(*entries: str) -> KeyStore:
+    return KeyStore([ApiKeyConfig.model_validate(parse_key_entry(e)) for e in entries])
+
+
 def test_key_entries_and_allow_lists() -> None:
-    assert parse_entry("sk-a") == ("sk-a", None)
-    assert parse_entry(" sk-a : x, y ,") == ("sk-a", frozenset({"x", "y"}))
-    store = KeyStore(["sk-a", "sk-b:x"])
+    assert parse_key_entry("sk-a") == {"key": "sk-a"}
+    assert parse_key_entry(" sk-a : x, y ,") == {"key": "sk-a", "aliases": ["x", "y"]}
+    store = _store("sk-a", "sk-b:x")
     assert store.authenticate("Bearer sk-a").may_use("anything")
     b = store.authenticate("bearer   sk-b ")
     assert b.may_use("x") and not b.may_use("y")
@@ -63,7 +68,7 @@ def test_key_entries_and_allow_lists() -> None:
 
 def test_keys_are_kept_hashed() -> None:
     """Nothing reachable from the store (its pickle, its principals' ids) holds a key's text."""
-    store = KeyStore(["sk-secret-123456:alias"])
+    store = _store("sk-secret-123456:alias")
     blob = pickle.dumps(store)
     assert b"sk-secret-123456" not in blob
     who = store.authenticate("Bearer sk-secret-123456")
@@ -73,33 +78,37 @@ def test_keys_are_kept_hashed() -> None:
 def test_keys_file(tmp_path: Path) -> None:
     f = tmp_path / "keys"
     f.write_text("# ops keys\n\nsk-one\nsk-two: a,b\n")
-    store = KeyStore.from_settings(["sk-zero"], f)
+    store = KeyStore.from_settings([ApiKeyConfig(key="sk-zero")], f)
     assert len(store) == 3
     assert store.authenticate("Bearer sk-two").aliases == frozenset({"a", "b"})
 
 
 def test_token_bucket_refills_at_its_rate() -> None:
     b = TokenBucket(rate=2.0, capacity=3, stamp=100.0)
-    assert [b.take(100.0) for _ in range(3)] == [0.0, 0.0, 0.0]
-    assert b.take(100.0) == pytest.approx(0.5)  # one token every 0.5 s
-    assert b.take(100.5) == 0.0
-    assert b.take(110.0) == 0.0 and b.tokens == pytest.approx(2.0)  # capped at capacity, minus one
+    assert [b.take(now=100.0) for _ in range(3)] == [0.0, 0.0, 0.0]
+    assert b.take(now=100.0) == pytest.approx(0.5)  # one token every 0.5 s
+    assert b.take(now=100.5) == 0.0
+    assert b.take(now=110.0) == 0.0 and b.tokens == pytest.approx(2.0)  # capped at capacity, minus one
+    # A charge after the fact may take it into debt; then even a zero-cost check waits for the refill.
+    assert b.take(10, debt=True, now=110.0) == 0.0 and b.tokens == pytest.approx(-8.0)
+    assert b.take(0.0, now=110.0) == pytest.approx(4.0)
 
 
-def test_limiter_counts_per_key_and_releases() -> None:
-    lim = KeyLimiter(rpm=60, burst=2, max_concurrent=1)
-    lim.acquire("a")
+async def test_limiter_counts_per_key_and_releases() -> None:
+    lim = KeyLimiter(Limits(rpm=60, burst=2, max_concurrent=1))
+    a, b = Principal("a"), Principal("b")
+    await lim.acquire(a, lim.limits(a))
     with pytest.raises(RateLimitError) as err:
-        lim.acquire("a")  # concurrency 1 reached
+        await lim.acquire(a, lim.limits(a))  # concurrency 1 reached
     assert err.value.code == "concurrency_limit_exceeded" and err.value.headers["retry-after"] == "1"
-    lim.acquire("b")  # another key is not affected
-    lim.release("a")
-    lim.acquire("a")
-    lim.release("a")
+    await lim.acquire(b, lim.limits(b))  # another key is not affected
+    lim.release(a)
+    await lim.acquire(a, lim.limits(a))
+    lim.release(a)
     with pytest.raises(RateLimitError) as err:
-        lim.acquire("a")  # the bucket of 2 is spent
+        await lim.acquire(a, lim.limits(a))  # the bucket of 2 is spent
     assert int(err.value.headers["retry-after"]) >= 1
-    assert lim.inflight("a") == 0 and lim.inflight("b") == 1
+    assert lim.inflight(a) == 0 and lim.inflight(b) == 1
 
 
 # ------------------------------------------------------------------------------------- a real gateway

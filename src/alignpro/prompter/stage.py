@@ -168,10 +168,12 @@ class PrompterStage:
             if self.on_fallback is not None and reason is not None:
                 self.on_fallback(reason)
             return Rewrite(info, text)
-        info.rewritten = True
         if info.contract == "augment":
-            info.rewritten_prompt = text
-            info.guidance = out
+            info.rewritten, info.rewritten_prompt, info.guidance = True, text, out
             return Rewrite(info, text, guidance=out)
         info.rewritten_prompt = out
+        # `rewritten` means the frozen model is sent something else; the prompter's KEEP (or an output equal to
+        # the original) is its choice to keep the prompt, reported as `kept`.
+        info.rewritten = out != text
+        info.kept = not info.rewritten
         return Rewrite(info, out)

@@ -1,8 +1,9 @@
-"""API keys: who may call the gateway, and which model aliases each key may use.
+"""API keys: who may call the gateway, and what each key may do.
 
-Keys come from ``api_keys`` (``ALIGNPRO_API_KEYS='["sk-a", "sk-b:smollm2"]'``) and from ``api_keys_file``
-(``ALIGNPRO_API_KEYS_FILE``), one entry a line, ``#`` comments and blank lines ignored. An entry is ``KEY`` (any
-alias) or ``KEY:ALIAS1,ALIAS2`` (only those aliases), so a key cannot contain ``:``. With no key at all the
+Keys come from ``api_keys`` (``ALIGNPRO_API_KEYS=sk-a``, ``sk-a,sk-b``, or a JSON list) and from
+``api_keys_file`` (``ALIGNPRO_API_KEYS_FILE``): a text file of ``KEY`` or ``KEY:ALIAS1,ALIAS2`` lines (``#``
+comments and blank lines ignored), or a ``.yaml``/``.json`` list of key objects with a policy each
+(:class:`~alignpro.settings.ApiKeyConfig`: allowed aliases, mode override, reveal, limits). With no key at all the
 gateway is open (a loopback development setup); with any key, every route but ``/health`` needs one.
 
 Only SHA-256 digests of the keys are kept in memory. A presented key is hashed and compared with every stored
@@ -17,16 +18,27 @@ import hmac
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import TypeAdapter, ValidationError
 
 from alignpro.errors import AuthenticationError, ConfigError, PermissionDeniedError
+from alignpro.settings import ApiKeyConfig, describe_errors, parse_api_keys
 
 
 @dataclass(frozen=True)
 class Principal:
-    """An authenticated caller (or the anonymous caller of an open gateway)."""
+    """An authenticated caller (or the anonymous caller of an open gateway) and its key's policy; a policy field
+    that is None takes the gateway-wide setting."""
 
     id: str  # "key-<12 hex of the digest>" or "anonymous"; safe to log and to use as a rate-limit bucket
     aliases: frozenset[str] | None = None  # None: every alias
+    allow_mode_override: bool | None = None
+    reveal_rewrite: bool | None = None
+    rate_limit_rpm: float | None = None
+    rate_limit_tpm: float | None = None
+    max_concurrent: int | None = None
 
     def may_use(self, alias: str) -> bool:
         return self.aliases is None or alias in self.aliases
@@ -38,6 +50,8 @@ class Principal:
 
 ANONYMOUS = Principal("anonymous")
 
+_KEYS = TypeAdapter(list[ApiKeyConfig])
+
 
 @dataclass(frozen=True)
 class _Entry:
@@ -45,44 +59,57 @@ class _Entry:
     principal: Principal
 
 
-def parse_entry(entry: str) -> tuple[str, frozenset[str] | None]:
-    """``KEY`` or ``KEY:ALIAS1,ALIAS2`` -> (key, allowed aliases or None)."""
-    key, sep, rest = entry.strip().partition(":")
-    key = key.strip()
-    if not key:
-        raise ConfigError("an API key entry is empty")
-    if not sep:
-        return key, None
-    aliases = frozenset(a.strip() for a in rest.split(",") if a.strip())
-    return key, aliases
-
-
-def read_keys_file(path: Path) -> list[str]:
+def read_keys_file(path: Path) -> list[ApiKeyConfig]:
+    """The keys of ``path``: KEY[:ALIASES] lines, or a YAML/JSON list of key objects (by its suffix)."""
     try:
-        lines = path.read_text().splitlines()
+        text = path.read_text()
     except OSError as exc:
         raise ConfigError(f"cannot read the API keys file {path}: {exc.strerror}") from None
-    return [s for s in (line.strip() for line in lines) if s and not s.startswith("#")]
+    entries: Any
+    if path.suffix in (".yaml", ".yml", ".json"):
+        try:
+            entries = yaml.safe_load(text) or []
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"the API keys file {path} is not valid YAML/JSON: {exc}") from None
+    else:
+        entries = [s for s in (line.strip() for line in text.splitlines()) if s and not s.startswith("#")]
+    try:
+        return _KEYS.validate_python(parse_api_keys(entries))
+    except ValidationError as exc:
+        raise ConfigError(f"the API keys file {path}: {describe_errors(exc)}") from None
+    except ValueError as exc:
+        raise ConfigError(f"the API keys file {path}: {exc}") from None
 
 
 def _digest(key: str) -> bytes:
     return hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
 
 
+def _principal(cfg: ApiKeyConfig, digest: bytes) -> Principal:
+    return Principal(
+        f"key-{digest.hex()[:12]}",
+        aliases=None if cfg.aliases is None else frozenset(cfg.aliases),
+        allow_mode_override=cfg.allow_mode_override,
+        reveal_rewrite=cfg.reveal_rewrite,
+        rate_limit_rpm=cfg.rate_limit_rpm,
+        rate_limit_tpm=cfg.rate_limit_tpm,
+        max_concurrent=cfg.max_concurrent,
+    )
+
+
 class KeyStore:
-    def __init__(self, entries: Iterable[str]) -> None:
+    def __init__(self, keys: Iterable[ApiKeyConfig]) -> None:
         self._entries: list[_Entry] = []
-        for entry in entries:
-            key, aliases = parse_entry(entry)
-            digest = _digest(key)
-            self._entries.append(_Entry(digest, Principal(f"key-{digest.hex()[:12]}", aliases)))
+        for cfg in keys:
+            digest = _digest(cfg.key.get_secret_value())
+            self._entries.append(_Entry(digest, _principal(cfg, digest)))
 
     @classmethod
-    def from_settings(cls, api_keys: Iterable[str], keys_file: Path | None) -> KeyStore:
-        entries = list(api_keys)
+    def from_settings(cls, api_keys: Iterable[ApiKeyConfig], keys_file: Path | None) -> KeyStore:
+        keys = list(api_keys)
         if keys_file is not None:
-            entries += read_keys_file(keys_file)
-        return cls(entries)
+            keys += read_keys_file(keys_file)
+        return cls(keys)
 
     @property
     def enabled(self) -> bool:

@@ -93,12 +93,8 @@ class Gateway:
             if settings.rewrite_cache_size > 0
             else None
         )
-        self.keys = KeyStore.from_settings(
-            (k.get_secret_value() for k in settings.api_keys), settings.api_keys_file
-        )
-        self.limiter = KeyLimiter(
-            settings.rate_limit_rpm, settings.rate_limit_burst, settings.max_concurrent_per_key
-        )
+        self.keys = KeyStore.from_settings(settings.api_keys, settings.api_keys_file)
+        self.limiter = KeyLimiter.from_settings(settings)
         self.routes: dict[str, Route] = {}
         for alias, cfg in settings.aliases.items():
             prompter_engine = self.engines.get(cfg.prompter.engine)
@@ -157,10 +153,10 @@ class Gateway:
                 code="invalid_value",
             )
 
-    def _mode(self, route: Route, opts: AlignProOptions | None) -> tuple[Mode, Contract]:
+    def _mode(self, route: Route, opts: AlignProOptions | None, who: Principal) -> tuple[Mode, Contract]:
         mode, contract = route.cfg.prompter.mode, route.cfg.prompter.contract
         if opts is not None and (opts.mode or opts.contract):
-            if not self.settings.allow_mode_override:
+            if not _own_or(who.allow_mode_override, self.settings.allow_mode_override):
                 raise PermissionDeniedError(
                     "this gateway does not let requests choose the prompter mode",
                     param="alignpro",
@@ -169,9 +165,12 @@ class Gateway:
             mode, contract = opts.mode or mode, opts.contract or contract
         return mode, contract
 
-    def _visible(self, info: AlignProInfo) -> dict[str, Any]:
+    def _reveals(self, who: Principal) -> bool:
+        return _own_or(who.reveal_rewrite, self.settings.reveal_rewrite)
+
+    def _visible(self, info: AlignProInfo, who: Principal) -> dict[str, Any]:
         data = info.model_dump(exclude_none=True)
-        if not self.settings.reveal_rewrite:
+        if not self._reveals(who):
             for k in ("original_prompt", "rewritten_prompt", "guidance"):
                 data.pop(k, None)
         return data
@@ -226,15 +225,15 @@ class Gateway:
         route = self.route(req.model, who)
         self._check_messages(req.messages)
         self._check_caps(req.n, req.output_limit())
-        mode, contract = self._mode(route, req.alignpro)
+        mode, contract = self._mode(route, req.alignpro, who)
         messages, rw = await self._prompt_messages(route, req.messages, mode, contract)
         body = req.upstream_payload(route.upstream_model, messages=messages)
-        return await self._forward(route, rw.info, body, req.stream, chat=True)
+        return await self._forward(route, who, rw.info, body, req.stream, chat=True)
 
     async def completion(self, req: CompletionRequest, who: Principal = ANONYMOUS) -> Reply:
         route = self.route(req.model, who)
         self._check_caps(req.n, req.output_limit())
-        mode, contract = self._mode(route, req.alignpro)
+        mode, contract = self._mode(route, req.alignpro, who)
         prompt = req.prompt
         text = (
             prompt
@@ -249,18 +248,18 @@ class Gateway:
         elif text is None and mode != "off":
             rw.info.fallback = "prompt_not_text"  # token ids or a batch of prompts are passed through
         body = req.upstream_payload(route.upstream_model, **replace)
-        return await self._forward(route, rw.info, body, req.stream, chat=False)
+        return await self._forward(route, who, rw.info, body, req.stream, chat=False)
 
     async def _forward(
-        self, route: Route, info: AlignProInfo, body: dict[str, Any], stream: bool, chat: bool
+        self, route: Route, who: Principal, info: AlignProInfo, body: dict[str, Any], stream: bool, chat: bool
     ) -> Reply:
         headers = self._headers(info)
         engine = route.engine
         if not stream:
             with self.metrics.stage_seconds.labels("frozen", route.alias).time():
                 resp = await (engine.chat(body) if chat else engine.completion(body))
-            self._count_usage(route.alias, resp.get("usage"))
-            resp["alignpro"] = self._visible(info)
+            await self._count_usage(route.alias, who, resp.get("usage"))
+            resp["alignpro"] = self._visible(info, who)
             return Reply(info, headers, body=resp)
         gen = engine.chat_stream(body) if chat else engine.completion_stream(body)
         start = time.perf_counter()
@@ -271,16 +270,22 @@ class Gateway:
         except BaseException:
             await gen.aclose()  # type: ignore[attr-defined]
             raise
-        return Reply(info, headers, stream=self._relay(route, info, first, gen, start))
+        return Reply(info, headers, stream=self._relay(route, who, info, first, gen, start))
 
     async def _relay(
-        self, route: Route, info: AlignProInfo, first: bytes, rest: AsyncIterator[bytes], start: float
+        self,
+        route: Route,
+        who: Principal,
+        info: AlignProInfo,
+        first: bytes,
+        rest: AsyncIterator[bytes],
+        start: float,
     ) -> AsyncIterator[bytes]:
         try:
-            yield _inject(first, self._visible(info))
+            yield _inject(first, self._visible(info, who))
             async for event in rest:
                 if b'"usage":{' in event:
-                    self._count_usage(route.alias, _event_json(event).get("usage"))
+                    await self._count_usage(route.alias, who, _event_json(event).get("usage"))
                 yield event
         except AlignProError as exc:
             self.metrics.errors.labels(exc.type).inc()
@@ -290,17 +295,22 @@ class Gateway:
             await rest.aclose()  # type: ignore[attr-defined]
             self.metrics.stage_seconds.labels("frozen", route.alias).observe(time.perf_counter() - start)
 
-    def _count_usage(self, alias: str, usage: Any) -> None:
+    async def _count_usage(self, alias: str, who: Principal, usage: Any) -> None:
         if isinstance(usage, dict):
-            self.metrics.tokens.labels(alias, "prompt").inc(int(usage.get("prompt_tokens") or 0))
-            self.metrics.tokens.labels(alias, "completion").inc(int(usage.get("completion_tokens") or 0))
+            prompt, completion = (
+                int(usage.get("prompt_tokens") or 0),
+                int(usage.get("completion_tokens") or 0),
+            )
+            self.metrics.tokens.labels(alias, "prompt").inc(prompt)
+            self.metrics.tokens.labels(alias, "completion").inc(completion)
+            await self.limiter.charge_tokens(who, prompt + completion)
 
     async def rewrite_only(self, req: RewriteRequest, who: Principal = ANONYMOUS) -> RewriteResponse:
         """``/v1/alignpro/rewrite``: what the frozen model would be sent, without sending it."""
-        if not self.settings.reveal_rewrite:
+        if not self._reveals(who):
             raise PermissionDeniedError("this gateway does not reveal rewrites", code="rewrite_hidden")
         route = self.route(req.model, who)
-        mode, contract = self._mode(route, req.alignpro)
+        mode, contract = self._mode(route, req.alignpro, who)
         if (req.prompt is None) == (req.messages is None):
             raise InvalidRequestError("give exactly one of prompt or messages", param="prompt")
         if req.prompt is not None:
@@ -333,6 +343,11 @@ def _optimal_sampler(route: Route, reward: str | RewardFn) -> SelectRewrite:
 
         return unavailable
     return for_stage(route.stage, route.engine, route.cfg.model, reward=reward)
+
+
+def _own_or(own: bool | None, default: bool) -> bool:
+    """A key's own policy where it sets one, else the gateway's."""
+    return default if own is None else own
 
 
 def _last_user(messages: list[ChatMessage]) -> int | None:

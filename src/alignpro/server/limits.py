@@ -1,8 +1,14 @@
-"""Per-key admission: authentication, a request-rate token bucket, a concurrency cap, and draining.
+"""Per-key admission: authentication, request- and token-rate buckets, a concurrency cap, and draining.
 
 :class:`Admission` is a plain ASGI middleware (not a ``BaseHTTPMiddleware``) because a concurrency slot must be
 held until a streamed response has been sent in full or the client went away: the wrapped ``app(...)`` call
 returns exactly then, so the slot is released in ``finally`` whatever happened.
+
+Each key's limits are its own (:class:`~alignpro.settings.ApiKeyConfig`) or the gateway-wide settings. The rate
+buckets live in a :class:`BucketStore`: this process's memory by default, or Redis
+(:mod:`alignpro.server.shared`) so that every gateway replica draws on one bucket per key. Tokens per minute are
+charged after the fact (the usage the frozen model reports): a key in debt is refused until the bucket refills.
+The concurrency cap counts this process's requests only (a slot held in Redis would leak with a crashed pod).
 
 Limits apply to the model routes (``/v1/...``); ``/ready`` and ``/metrics`` need a key but are not rate limited,
 so monitoring keeps working while a key is throttled. ``/health`` needs nothing. Rejections are OpenAI-shaped:
@@ -12,23 +18,24 @@ so monitoring keeps working while a key is throttled. ``/health`` needs nothing.
 from __future__ import annotations
 
 import math
-import threading
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from alignpro.errors import AlignProError, RateLimitError, UpstreamUnavailableError
-from alignpro.server.auth import KeyStore
+from alignpro.server.auth import KeyStore, Principal
 from alignpro.server.errors import error_response
 from alignpro.server.shutdown import Drain
+from alignpro.settings import Settings
 
 OPEN_PATHS = frozenset({"/health"})
 
 
 @dataclass
 class TokenBucket:
-    """``rate`` tokens per second up to ``capacity``; a request takes one token."""
+    """``rate`` tokens per second up to ``capacity``."""
 
     rate: float
     capacity: float
@@ -39,63 +46,129 @@ class TokenBucket:
         if self.tokens < 0:
             self.tokens = self.capacity
 
-    def take(self, now: float | None = None) -> float:
-        """Take a token: 0.0 when granted, else the seconds until one is available."""
+    def take(self, cost: float = 1.0, debt: bool = False, now: float | None = None) -> float:
+        """Take ``cost`` tokens: 0.0 when granted, else the seconds until they are there (nothing taken).
+        ``debt``: take them even below zero (a charge for what was already served); ``cost`` 0: is it in debt?"""
         now = time.monotonic() if now is None else now
-        self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
+        self.tokens = min(self.capacity, self.tokens + max(0.0, now - self.stamp) * self.rate)
         self.stamp = now
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
+        if debt or self.tokens >= cost:
+            self.tokens -= cost
             return 0.0
-        return (1.0 - self.tokens) / self.rate
+        return (cost - self.tokens) / self.rate
+
+
+class BucketStore(Protocol):
+    """Where the token buckets live; ``key`` names one bucket (a caller and what it limits)."""
+
+    async def take(
+        self, key: str, rate: float, capacity: float, cost: float, debt: bool = False
+    ) -> float: ...
+
+
+class LocalBuckets:
+    """Token buckets in this process's memory."""
+
+    def __init__(self) -> None:
+        self._buckets: dict[str, TokenBucket] = {}
+
+    def take_now(self, key: str, rate: float, capacity: float, cost: float, debt: bool = False) -> float:
+        bucket = self._buckets.get(key)
+        if bucket is None or bucket.rate != rate or bucket.capacity != capacity:
+            bucket = self._buckets[key] = TokenBucket(rate, capacity)
+        return bucket.take(cost, debt)
+
+    async def take(self, key: str, rate: float, capacity: float, cost: float, debt: bool = False) -> float:
+        return self.take_now(key, rate, capacity, cost, debt)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """One key's limits; 0 disables each."""
+
+    rpm: float = 0.0
+    burst: int = 0
+    tpm: float = 0.0
+    max_concurrent: int = 0
+
+    @property
+    def any(self) -> bool:
+        return self.rpm > 0 or self.tpm > 0 or self.max_concurrent > 0
+
+    @property
+    def request_capacity(self) -> float:
+        return float(self.burst or max(1, math.ceil(self.rpm)))
 
 
 class KeyLimiter:
-    """Requests per minute (token bucket) and concurrent requests, per caller id; 0 disables either."""
+    """Requests and tokens per minute (token buckets in ``store``) and concurrent requests, per caller."""
 
-    def __init__(self, rpm: float = 0.0, burst: int = 0, max_concurrent: int = 0) -> None:
-        self.rate = rpm / 60.0
-        self.capacity = float(burst or max(1, math.ceil(rpm))) if rpm > 0 else 0.0
-        self.max_concurrent = max_concurrent
-        self._buckets: dict[str, TokenBucket] = {}
+    def __init__(self, defaults: Limits | None = None, store: BucketStore | None = None) -> None:
+        self.defaults = defaults or Limits()
+        self.store: BucketStore = store or LocalBuckets()
         self._inflight: dict[str, int] = {}
-        self._lock = threading.Lock()  # acquire/release run on the event loop, but keep them safe anywhere
 
-    @property
-    def enabled(self) -> bool:
-        return self.rate > 0 or self.max_concurrent > 0
+    @classmethod
+    def from_settings(cls, settings: Settings, store: BucketStore | None = None) -> KeyLimiter:
+        s = settings
+        return cls(
+            Limits(s.rate_limit_rpm, s.rate_limit_burst, s.rate_limit_tpm, s.max_concurrent_per_key), store
+        )
 
-    def acquire(self, who: str) -> None:
+    def limits(self, who: Principal) -> Limits:
+        d = self.defaults
+
+        def pick(own: float | None, default: float) -> float:
+            return default if own is None else own
+
+        return Limits(
+            rpm=pick(who.rate_limit_rpm, d.rpm),
+            # A key's own rpm without a burst gets one minute's worth, not the gateway's burst for another rate.
+            burst=d.burst if who.rate_limit_rpm is None else 0,
+            tpm=pick(who.rate_limit_tpm, d.tpm),
+            max_concurrent=int(pick(who.max_concurrent, d.max_concurrent)),
+        )
+
+    async def acquire(self, who: Principal, lim: Limits) -> None:
         """Admit one request of ``who`` or raise :class:`RateLimitError`; pair with :meth:`release`."""
-        with self._lock:
-            if self.max_concurrent > 0 and self._inflight.get(who, 0) >= self.max_concurrent:
+        if lim.max_concurrent > 0 and self._inflight.get(who.id, 0) >= lim.max_concurrent:
+            raise RateLimitError(
+                f"too many concurrent requests for this API key (limit {lim.max_concurrent})",
+                retry_after=1.0,
+                code="concurrency_limit_exceeded",
+            )
+        if lim.tpm > 0:
+            wait = await self.store.take(f"{who.id}:tpm", lim.tpm / 60.0, lim.tpm, 0.0)
+            if wait > 0:
                 raise RateLimitError(
-                    f"too many concurrent requests for this API key (limit {self.max_concurrent})",
-                    retry_after=1.0,
-                    code="concurrency_limit_exceeded",
+                    f"token rate limit of {lim.tpm:g} tokens per minute reached for this API key",
+                    retry_after=wait,
+                    code="token_rate_limit_exceeded",
                 )
-            if self.rate > 0:
-                bucket = self._buckets.get(who)
-                if bucket is None:
-                    bucket = self._buckets[who] = TokenBucket(self.rate, self.capacity)
-                wait = bucket.take()
-                if wait > 0:
-                    raise RateLimitError(
-                        f"rate limit of {self.rate * 60:g} requests per minute reached for this API key",
-                        retry_after=wait,
-                    )
-            self._inflight[who] = self._inflight.get(who, 0) + 1
+        if lim.rpm > 0:
+            wait = await self.store.take(f"{who.id}:rpm", lim.rpm / 60.0, lim.request_capacity, 1.0)
+            if wait > 0:
+                raise RateLimitError(
+                    f"rate limit of {lim.rpm:g} requests per minute reached for this API key",
+                    retry_after=wait,
+                )
+        self._inflight[who.id] = self._inflight.get(who.id, 0) + 1
 
-    def release(self, who: str) -> None:
-        with self._lock:
-            left = self._inflight.get(who, 0) - 1
-            if left > 0:
-                self._inflight[who] = left
-            else:
-                self._inflight.pop(who, None)
+    def release(self, who: Principal) -> None:
+        left = self._inflight.get(who.id, 0) - 1
+        if left > 0:
+            self._inflight[who.id] = left
+        else:
+            self._inflight.pop(who.id, None)
 
-    def inflight(self, who: str) -> int:
-        return self._inflight.get(who, 0)
+    async def charge_tokens(self, who: Principal, tokens: int) -> None:
+        """Charge ``tokens`` served to ``who`` against its tokens-per-minute bucket (it may go into debt)."""
+        tpm = self.limits(who).tpm
+        if tpm > 0 and tokens > 0:
+            await self.store.take(f"{who.id}:tpm", tpm / 60.0, tpm, float(tokens), debt=True)
+
+    def inflight(self, who: Principal) -> int:
+        return self._inflight.get(who.id, 0)
 
 
 class Admission:
@@ -111,7 +184,7 @@ class Admission:
         if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
             await self.app(scope, receive, send)
             return
-        limited = scope["path"].startswith("/v1/") and self.limiter.enabled
+        limits = None
         try:
             if self.drain.draining:
                 raise UpstreamUnavailableError(
@@ -125,8 +198,12 @@ class Admission:
                     auth = value.decode("latin-1")
                     break
             principal = self.keys.authenticate(auth)
-            if limited:
-                self.limiter.acquire(principal.id)
+            if scope["path"].startswith("/v1/"):
+                limits = self.limiter.limits(principal)
+                if limits.any:
+                    await self.limiter.acquire(principal, limits)
+                else:
+                    limits = None
         except AlignProError as exc:
             await error_response(exc)(scope, receive, send)
             return
@@ -136,5 +213,5 @@ class Admission:
             await self.app(scope, receive, send)
         finally:
             self.drain.leave()
-            if limited:
-                self.limiter.release(principal.id)
+            if limits is not None:
+                self.limiter.release(principal)

@@ -3,6 +3,7 @@
 It answers like an instant OpenAI server, except for what the request's ``model`` asks it to break:
 
     ok            a normal answer (streaming too)
+    say-<text>    a normal answer whose content is <text> (a scripted prompter output, KEEP say)
     slow-<s>      sleep <s> seconds before answering
     status-<n>    answer HTTP <n> with an OpenAI error body
     badjson       200 with a body that is not JSON
@@ -120,7 +121,7 @@ class FaultInjector:
             return StreamingResponse(
                 self._stream(model, drop=model == "dropstream"), media_type="text/event-stream"
             )
-        return JSONResponse(_chat(model))
+        return JSONResponse(_chat(model, model[4:] if model.startswith("say-") else "ok"))
 
     async def _stream(self, model: str, drop: bool) -> Any:
         yield _chunk(model, "o")

@@ -12,7 +12,15 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ModelWrapValidatorHandler,
+    PrivateAttr,
+    field_validator,
+    model_validator,
+)
 
 Mode = Literal["off", "reference", "adapter", "optimal"]
 Contract = Literal["rewrite", "augment"]
@@ -48,6 +56,30 @@ class AlignProOptions(BaseModel):
     contract: Contract | None = Field(None, description="Override the output contract (rewrite or augment).")
 
 
+class TurnRewrite(_Open):
+    """One user turn of a conversation: what the frozen model was sent in its place."""
+
+    index: int = Field(..., description="The message's index in the request's messages.")
+    rewritten: bool = False
+    cached: bool = False
+    fallback: str | None = None
+    original_prompt: str | None = None
+    rewritten_prompt: str | None = None
+
+
+class AgentInfo(_Open):
+    """Why the request counts as an agent's, and where the prompter ran."""
+
+    signals: list[str] = Field(
+        default_factory=list, description="tools, tool_choice, response_format, tool_result."
+    )
+    prompter: Literal["user_turns", "off"] = Field(
+        "user_turns",
+        description="user_turns: only user messages' text was rewritten; tools, tool calls, tool results and "
+        "response_format went upstream as sent. off: nothing was rewritten.",
+    )
+
+
 class AlignProInfo(_Open):
     """What the prompter did for this response (the ``alignpro`` object on responses and first stream chunks)."""
 
@@ -68,13 +100,62 @@ class AlignProInfo(_Open):
     )
     cached: bool = False
     prompter_ms: float = 0.0
+    turn: int | None = Field(
+        None, description="chat: the index of the newest user message, which the fields above describe."
+    )
+    context_turns: int = Field(0, description="How many earlier messages the prompter saw as context.")
+    turns: list[TurnRewrite] | None = Field(
+        None, description="chat, rewrite contract: every user turn's outcome (earlier ones reused)."
+    )
+    agent: AgentInfo | None = Field(None, description="Set when the request is an agent's (tools, JSON...).")
 
 
 # ---------------------------------------------------------------------------------------------- requests
+class FunctionCall(_Open):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCall(_Open):
+    """An assistant's tool call (``index`` is set on stream deltas, where the other fields come in pieces)."""
+
+    index: int | None = None
+    id: str | None = None
+    type: str | None = None
+    function: FunctionCall | None = None
+
+
+class Tool(_Open):
+    type: str = "function"
+    function: dict[str, Any] | None = None
+
+
+class ResponseFormat(_Open):
+    type: Literal["text", "json_object", "json_schema"] | str
+    json_schema: dict[str, Any] | None = None
+
+
 class ChatMessage(_Open):
     role: Literal["system", "user", "assistant", "tool", "developer", "function"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+    # The message as the client sent it: what the gateway does not rewrite goes upstream exactly so (key order,
+    # nulls and all), so tool calls and tool results reach the model as the agent wrote them.
+    _raw: dict[str, Any] | None = PrivateAttr(None)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _keep_raw(cls, data: Any, handler: ModelWrapValidatorHandler[ChatMessage]) -> ChatMessage:
+        msg = handler(data)
+        if isinstance(data, dict):
+            msg._raw = data
+        return msg
+
+    def wire(self) -> dict[str, Any]:
+        """The message to send upstream: as received, or (built in code) its set fields."""
+        return dict(self._raw) if self._raw is not None else self.model_dump(exclude_unset=True)
 
     def text(self) -> str:
         """The message's text (text parts joined), for the prompter."""
@@ -124,9 +205,23 @@ class ChatCompletionRequest(_SamplingRequest):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    # Agent fields: relayed upstream as sent (the prompter never rewrites them; see Gateway.chat).
+    tools: list[Tool] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None
 
     def output_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+    def agent_signals(self) -> list[str]:
+        """What makes this an agent's request: the structure the prompter must leave alone."""
+        signals = [f for f in ("tools", "tool_choice") if getattr(self, f)]
+        if self.response_format is not None and self.response_format.type != "text":
+            signals.append("response_format")
+        if self.messages[-1].role in ("tool", "function"):
+            signals.append("tool_result")
+        return signals
 
 
 class CompletionRequest(_SamplingRequest):
@@ -144,6 +239,21 @@ class CompletionRequest(_SamplingRequest):
 
     def output_limit(self) -> int | None:
         return self.max_tokens
+
+
+class EmbeddingRequest(_Open):
+    """``POST /v1/embeddings``, relayed to the alias's engine."""
+
+    model: str = Field(..., min_length=1)
+    input: str | list[str] | list[int] | list[list[int]]
+
+
+class TokenizeRequest(_Open):
+    """``POST /tokenize`` (vLLM's), relayed to the alias's engine: a ``prompt`` or chat ``messages``."""
+
+    model: str = Field(..., min_length=1)
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None
 
 
 class RewriteRequest(BaseModel):
@@ -184,6 +294,7 @@ class ChatCompletion(_Open):
 class ChatDelta(_Open):
     role: str | None = None
     content: str | None = None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChunkChoice(_Open):

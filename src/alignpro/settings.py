@@ -79,6 +79,34 @@ class EngineConfig(BaseModel):
         return self
 
 
+class ConversationConfig(BaseModel):
+    """How the prompter treats a chat with history (README, "Conversations and agents")."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    context_turns: int = Field(
+        4,
+        ge=0,
+        le=32,
+        description="Earlier user/assistant messages the prompter sees, as delimited data, with each user turn.",
+    )
+    earlier_turns: Literal["rewritten", "original"] = Field(
+        "rewritten",
+        description="rewritten: earlier user turns are sent as their (reused) rewrite, the history the model "
+        "answered; original: as the user wrote them (only the newest user turn is rewritten).",
+    )
+    deterministic: bool = Field(
+        True,
+        description="Draw each rewrite with a seed derived from its history and text, so equal histories get "
+        "equal rewrites on any replica even without a shared cache.",
+    )
+    agents: Literal["user_turns", "off"] = Field(
+        "user_turns",
+        description="Requests with tools, tool_choice, a JSON response_format or a tool result last: "
+        "user_turns: rewrite user text only; off: no prompter at all.",
+    )
+
+
 class PrompterConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -98,6 +126,7 @@ class PrompterConfig(BaseModel):
         "open", description="open: serve the original prompt when the prompter fails; closed: answer 503."
     )
     timeout_s: float = Field(60.0, gt=0, description="Budget for the prompter stage.")
+    conversation: ConversationConfig = Field(default_factory=ConversationConfig)
 
     @field_validator("mode", mode="before")
     @classmethod

@@ -29,7 +29,7 @@ from alignpro.client._errors import (
     retry_after,
     status_error,
 )
-from alignpro.protocol import AlignProOptions, ChatMessage, StreamOptions
+from alignpro.protocol import AlignProOptions, ChatMessage, ResponseFormat, StreamOptions, Tool
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -74,6 +74,12 @@ class ChatParams(_SamplingParams, total=False):
     max_completion_tokens: int
     logprobs: bool
     top_logprobs: int
+    tools: Sequence[Tool | Mapping[str, Any]]
+    """Function tools; the model's calls come back in ``message.tool_calls`` (stream: ``delta.tool_calls``)."""
+    tool_choice: str | Mapping[str, Any]
+    parallel_tool_calls: bool
+    response_format: ResponseFormat | Mapping[str, Any]
+    """``{"type": "json_object"}`` or ``{"type": "json_schema", "json_schema": {...}}``: JSON output."""
 
 
 class CompletionParams(_SamplingParams, total=False):
@@ -146,6 +152,8 @@ def normalise_base_url(url: str) -> str:
 
 
 def _jsonable(value: Any) -> Any:
+    if isinstance(value, ChatMessage):  # e.g. a response's assistant message with its tool calls, as received
+        return value.wire()
     if isinstance(value, BaseModel):
         return value.model_dump(exclude_none=True)
     if isinstance(value, Mapping):

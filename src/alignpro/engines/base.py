@@ -14,6 +14,8 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from typing import Any
 
+from alignpro.errors import InvalidRequestError
+
 DONE_EVENT = b"data: [DONE]\n\n"
 
 
@@ -54,3 +56,18 @@ class Engine(ABC):
     @abstractmethod
     def default_model(self) -> str:
         """The model id a request without an adapter name should carry."""
+
+    async def embeddings(self, body: dict[str, Any]) -> dict[str, Any]:
+        """``POST /v1/embeddings`` (vLLM serves it for embedding models)."""
+        raise self._unsupported("/v1/embeddings")
+
+    async def tokenize(self, body: dict[str, Any]) -> dict[str, Any]:
+        """``POST /tokenize`` (vLLM's): the token ids of a prompt or of a chat under the model's template."""
+        raise self._unsupported("/tokenize")
+
+    def _unsupported(self, path: str) -> InvalidRequestError:
+        return InvalidRequestError(
+            f"engine {self.name!r} ({self.kind}) does not serve {path}",
+            param="model",
+            code="unsupported_endpoint",
+        )

@@ -461,6 +461,17 @@ class LocalEngine(Engine):
         except Exception as exc:  # e.g. a template that rejects the role order
             raise InvalidRequestError(f"cannot apply the chat template: {exc}", param="messages") from exc
 
+    async def tokenize(self, body: dict[str, Any]) -> dict[str, Any]:
+        """vLLM's ``/tokenize`` answer: the ids of ``prompt``, or of ``messages`` under the chat template."""
+        assert self.generator is not None
+        if isinstance(body.get("messages"), list):
+            ids = self._chat_prompt(body)[0]
+        elif isinstance(body.get("prompt"), str):
+            ids = self.generator.text_ids(body["prompt"])
+        else:
+            raise InvalidRequestError("give prompt (a string) or messages", param="prompt")
+        return {"count": len(ids), "max_model_len": self.generator.context_length, "tokens": ids}
+
     def _completion_prompts(self, body: dict[str, Any]) -> list[list[int]]:
         assert self.generator is not None
         prompt = body["prompt"]

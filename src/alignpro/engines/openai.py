@@ -214,7 +214,8 @@ class OpenAIEngine(Engine):
         }
 
     # ---------------------------------------------------------------------------------- requests
-    async def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    async def _post(self, path: str, body: dict[str, Any], root: bool = False) -> dict[str, Any]:
+        """POST ``body`` to ``path`` under a replica's base URL (``root``: under its server root, no /v1)."""
         tried: set[str] = set()
         last: AlignProError | None = None
         for _ in range(len(self.replicas)):
@@ -222,7 +223,8 @@ class OpenAIEngine(Engine):
             tried.add(rep.url)
             rep.outstanding += 1
             try:
-                resp = await self.client.post(rep.url + path, json=body)
+                base = rep.url.removesuffix("/v1") if root else rep.url
+                resp = await self.client.post(base + path, json=body)
             except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
                 self._failed(rep, type(exc).__name__)
                 last = UpstreamUnavailableError(f"cannot connect to the upstream: {type(exc).__name__}")
@@ -259,10 +261,10 @@ class OpenAIEngine(Engine):
         assert last is not None
         raise last
 
-    async def _bounded(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    async def _bounded(self, path: str, body: dict[str, Any], root: bool = False) -> dict[str, Any]:
         try:
             async with asyncio.timeout(self.request_timeout_s):
-                return await self._post(path, body)
+                return await self._post(path, body, root)
         except TimeoutError as exc:
             raise UpstreamTimeoutError(f"the upstream took longer than {self.request_timeout_s:g} s") from exc
 
@@ -271,6 +273,12 @@ class OpenAIEngine(Engine):
 
     async def completion(self, body: dict[str, Any]) -> dict[str, Any]:
         return await self._bounded("/completions", body)
+
+    async def embeddings(self, body: dict[str, Any]) -> dict[str, Any]:
+        return await self._bounded("/embeddings", body)
+
+    async def tokenize(self, body: dict[str, Any]) -> dict[str, Any]:
+        return await self._bounded("/tokenize", body, root=True)  # vLLM serves it at the root, not under /v1
 
     def chat_stream(self, body: dict[str, Any]) -> AsyncIterator[bytes]:
         return self._stream("/chat/completions", body)

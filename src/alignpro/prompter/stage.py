@@ -12,8 +12,9 @@ and says why in ``alignpro.fallback``; with ``closed`` an unavailable prompter a
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from alignpro.engines.base import Engine
@@ -24,13 +25,22 @@ from alignpro.errors import (
     UpstreamUnavailableError,
 )
 from alignpro.prompter.cache import TTLCache
-from alignpro.prompter.instruction import prompter_outputs, prompter_request
+from alignpro.prompter.instruction import prompter_outputs, prompter_request, render_context
 from alignpro.prompter.validate import Validator, default_validator
 from alignpro.protocol import AlignProInfo, Contract, Mode
 from alignpro.settings import PrompterConfig
 
 # (text, contract) -> the chosen rewrite, or None when the original prompt won; installed by the rho* sampler
 SelectRewrite = Callable[[str, Contract], Awaitable[str | None]]
+# Earlier turns of a conversation, (role, text), oldest first: what the prompter sees before the user turn.
+Context = Sequence[tuple[str, str]]
+
+
+def draw_seed(key: tuple[str, ...]) -> int:
+    """The sampling seed of the rewrite cached under ``key``: the same history draws the same rewrite on any
+    replica (and again after the cache forgot it), while different histories still get independent draws."""
+    digest = hashlib.sha256("\x00".join(key).encode()).digest()
+    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
 
 
 @dataclass
@@ -73,9 +83,15 @@ class PrompterStage:
         return f"{self.engine.name}/{model}"
 
     async def generate(
-        self, text: str, mode: Mode, contract: Contract, n: int = 1
+        self,
+        text: str,
+        mode: Mode,
+        contract: Contract,
+        n: int = 1,
+        context: Context = (),
+        seed: int | None = None,
     ) -> list[tuple[str, str | None]]:
-        """Draw ``n`` raw prompter outputs (text, finish_reason) for ``text``."""
+        """Draw ``n`` raw prompter outputs (text, finish_reason) for ``text`` after the turns ``context``."""
         if self.engine is None:
             raise UpstreamUnavailableError("no prompter engine is configured", code="prompter_unavailable")
         use_adapter = mode == "adapter" or (mode == "optimal" and self.cfg.model is not None)
@@ -93,10 +109,19 @@ class PrompterStage:
             temperature=c.temperature,
             top_p=c.top_p,
             n=n,
+            context=context,
+            seed=seed,
         )
         return prompter_outputs(await self.engine.chat(body))
 
-    async def rewrite(self, text: str, mode: Mode, contract: Contract | None = None) -> Rewrite:
+    async def rewrite(
+        self, text: str, mode: Mode, contract: Contract | None = None, context: Context = ()
+    ) -> Rewrite:
+        """The rewrite of the user text ``text``, which comes after the earlier turns ``context``.
+
+        Non-optimal rewrites are cached under the prompter, mode, contract, context and text; with
+        ``conversation.deterministic`` the draw is seeded from that key too, so a turn gets the same rewrite on
+        every request of its conversation, on any replica."""
         contract = contract or self.cfg.contract
         info = AlignProInfo(mode=mode, prompter=self.name(mode), contract=contract, original_prompt=text)
         if mode == "off":
@@ -105,25 +130,30 @@ class PrompterStage:
             raise InvalidRequestError(
                 "mode 'optimal' is not configured on this gateway", param="alignpro.mode"
             )
+        rendered = render_context(context)
+        info.context_turns = len(context)
         # A rho* draw is a fresh sample each time: only the other modes are cached.
         cache = self.cache if mode != "optimal" else None
-        key = (info.prompter or "", mode, contract, text)
+        key = (info.prompter or "", mode, contract, hashlib.sha256(rendered.encode()).hexdigest(), text)
+        seed = draw_seed(key) if self.cfg.conversation.deterministic else None
         start = time.perf_counter()
         cached = cache.get(key) if cache is not None else None
         out, reason = cached, None
         if out is None:
-            out, reason = await self._attempt(text, mode, contract)
+            out, reason = await self._attempt(text, mode, contract, context, seed)
             if out is not None and cache is not None:
                 cache.put(key, out)
         info.prompter_ms = round((time.perf_counter() - start) * 1000, 3)
         info.cached = cached is not None
         return self._outcome(info, text, out, reason)
 
-    async def _attempt(self, text: str, mode: Mode, contract: Contract) -> tuple[str | None, str | None]:
+    async def _attempt(
+        self, text: str, mode: Mode, contract: Contract, context: Context = (), seed: int | None = None
+    ) -> tuple[str | None, str | None]:
         """One rewrite within the timeout: (the rewrite, or None with the reason); failures follow the policy."""
         try:
             async with asyncio.timeout(self.cfg.timeout_s):
-                return await self._draw(text, mode, contract)
+                return await self._draw(text, mode, contract, context, seed)
         except (ContextLengthError, UpstreamStatusError) as exc:
             return None, self._rejected(exc)
         except InvalidRequestError:
@@ -131,13 +161,16 @@ class PrompterStage:
         except Exception as exc:  # any prompter failure, a bug in its engine included, follows the policy
             return None, self._unavailable(exc)
 
-    async def _draw(self, text: str, mode: Mode, contract: Contract) -> tuple[str | None, str | None]:
-        if mode == "optimal":
+    async def _draw(
+        self, text: str, mode: Mode, contract: Contract, context: Context, seed: int | None
+    ) -> tuple[str | None, str | None]:
+        if mode == "optimal":  # the rho* sampler scores single prompts: it does not see the conversation
             assert self.optimal is not None
             out = await self.optimal(text, contract)
             return out, (None if out is not None else "optimal_kept_original")
-        raw, finish = (await self.generate(text, mode, contract))[0]
-        parsed = await asyncio.to_thread(self.validator, text, raw, finish, contract)
+        raw, finish = (await self.generate(text, mode, contract, context=context, seed=seed))[0]
+        history = "\n".join(t for _, t in context)
+        parsed = await asyncio.to_thread(self.validator, text, raw, finish, contract, history)
         return parsed.text, parsed.reason
 
     def _rejected(self, exc: ContextLengthError | UpstreamStatusError) -> str:

@@ -20,7 +20,7 @@ import logging
 import threading
 from collections import Counter
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from alignpro.errors import ConfigError
 from alignpro.prompter.injection import echo_fragment
@@ -32,8 +32,21 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# (original, raw output, finish_reason, contract) -> the usable text, or the reason it is not usable
-Validator = Callable[[str, str, str | None, Contract], Parsed]
+
+class Validator(Protocol):
+    def __call__(
+        self,
+        original: str,
+        output: str,
+        finish_reason: str | None,
+        contract: Contract = ...,
+        context: str = ...,
+    ) -> Parsed:
+        """The usable text of the prompter's ``output`` for ``original`` (after the earlier turns ``context``),
+        or the reason it is not usable."""
+        ...
+
+
 # texts -> one embedding row per text
 Embed = Callable[[list[str]], "npt.NDArray[Any]"]
 
@@ -105,7 +118,12 @@ class OutputValidator:
             embed(list(dict.fromkeys(texts)))
 
     def __call__(
-        self, original: str, output: str, finish_reason: str | None, contract: Contract = "rewrite"
+        self,
+        original: str,
+        output: str,
+        finish_reason: str | None,
+        contract: Contract = "rewrite",
+        context: str = "",
     ) -> Parsed:
         parsed = parse_output(output, finish_reason, original, contract)
         if parsed.text is None:
@@ -118,7 +136,8 @@ class OutputValidator:
             return Parsed(None, "echo_fragment")
         threshold = self.min_similarity.get(contract, 0.0)
         if threshold > 0 and parsed.text != original:
-            sim = self.similarity(original, parsed.text)
+            # A follow-up's rewrite names what it refers to from earlier turns: on topic for the conversation.
+            sim = self.similarity(f"{context}\n{original}" if context else original, parsed.text)
             if sim is None:
                 self._count("similarity_unavailable")
             elif sim < threshold:

@@ -25,19 +25,23 @@ from alignpro.errors import (
     PermissionDeniedError,
 )
 from alignpro.prompter.cache import TTLCache
-from alignpro.prompter.stage import PrompterStage, Rewrite, SelectRewrite
+from alignpro.prompter.stage import Context, PrompterStage, Rewrite, SelectRewrite
 from alignpro.protocol import (
+    AgentInfo,
     AlignProInfo,
     AlignProOptions,
     ChatCompletionRequest,
     ChatMessage,
     CompletionRequest,
     Contract,
+    EmbeddingRequest,
     Mode,
     ModelCard,
     ModelList,
     RewriteRequest,
     RewriteResponse,
+    TokenizeRequest,
+    TurnRewrite,
 )
 from alignpro.server.auth import ANONYMOUS, KeyStore, Principal
 from alignpro.server.errors import error_event
@@ -171,8 +175,9 @@ class Gateway:
     def _visible(self, info: AlignProInfo, who: Principal) -> dict[str, Any]:
         data = info.model_dump(exclude_none=True)
         if not self._reveals(who):
-            for k in ("original_prompt", "rewritten_prompt", "guidance"):
-                data.pop(k, None)
+            for part in (data, *data.get("turns", ())):
+                for k in ("original_prompt", "rewritten_prompt", "guidance"):
+                    part.pop(k, None)
         return data
 
     @staticmethod
@@ -193,7 +198,7 @@ class Gateway:
         return h
 
     async def _apply_prompter(
-        self, route: Route, text: str | None, mode: Mode, contract: Contract
+        self, route: Route, text: str | None, mode: Mode, contract: Contract, context: Context = ()
     ) -> Rewrite:
         """The prompter stage of ``route`` on ``text`` (timed and counted); no text or mode ``off``: nothing."""
         if text is None or not text.strip() or mode == "off":
@@ -202,7 +207,7 @@ class Gateway:
                 info.fallback = "no_text"
             return Rewrite(info, text or "")
         with self.metrics.stage_seconds.labels("prompter", route.alias).time():
-            rw = await route.stage.rewrite(text, mode, contract)
+            rw = await route.stage.rewrite(text, mode, contract, context)
         if rw.info.cached:
             self.metrics.cache_hits.inc()
         elif mode != "optimal" and self.cache is not None:
@@ -210,14 +215,52 @@ class Gateway:
         return rw
 
     async def _prompt_messages(
-        self, route: Route, chat: list[ChatMessage], mode: Mode, contract: Contract
+        self,
+        route: Route,
+        chat: list[ChatMessage],
+        mode: Mode,
+        contract: Contract,
+        signals: list[str] | None = None,
     ) -> tuple[list[dict[str, Any]], Rewrite]:
-        """The messages of ``chat`` with the prompter's rewrite of its last user message applied."""
-        messages = [m.model_dump(exclude_none=True) for m in chat]
-        idx = _last_user(chat)
-        rw = await self._apply_prompter(route, chat[idx].text() if idx is not None else None, mode, contract)
-        if idx is not None and rw.info.rewritten:
-            _apply(messages, idx, rw)
+        """The messages of ``chat`` with the conversation contract applied (README, "Conversations and agents").
+
+        Only user messages' text is rewritten; every other message goes upstream exactly as received. Each user
+        turn's rewrite depends only on the turns before it, so the turns of earlier requests get the rewrite they
+        got then (cache, or the same seeded draw). ``signals`` (an agent's request) with ``agents: off``: no
+        prompter at all."""
+        conv = route.cfg.prompter.conversation
+        messages = [m.wire() for m in chat]
+        users = [i for i, m in enumerate(chat) if m.role == "user"]
+        if signals and conv.agents == "off":
+            mode = "off"
+        newest = users[-1] if users else None
+        if newest is None or mode == "off":
+            rw = await self._apply_prompter(
+                route, chat[newest].text() if newest is not None else None, "off", contract
+            )
+        else:
+            # Augment adds one guidance for the newest turn; rho* draws are not reproducible: one turn each.
+            every = contract == "rewrite" and mode != "optimal" and conv.earlier_turns == "rewritten"
+            targets = users if every else [newest]
+            start = time.perf_counter()
+            outs = await asyncio.gather(
+                *(
+                    self._apply_prompter(
+                        route, chat[i].text(), mode, contract, _context(chat, i, conv.context_turns)
+                    )
+                    for i in targets
+                )
+            )
+            for i, out in zip(targets, outs, strict=True):
+                if out.info.rewritten:
+                    _apply(messages, i, out)
+            rw = outs[-1]
+            rw.info.prompter_ms = round((time.perf_counter() - start) * 1000, 3)
+            if len(targets) > 1:
+                rw.info.turns = [_turn(i, out.info) for i, out in zip(targets, outs, strict=True)]
+        rw.info.turn = newest
+        if signals:
+            rw.info.agent = AgentInfo(signals=signals, prompter="off" if mode == "off" else "user_turns")
         return messages, rw
 
     # ------------------------------------------------------------------------------------ requests
@@ -226,7 +269,7 @@ class Gateway:
         self._check_messages(req.messages)
         self._check_caps(req.n, req.output_limit())
         mode, contract = self._mode(route, req.alignpro, who)
-        messages, rw = await self._prompt_messages(route, req.messages, mode, contract)
+        messages, rw = await self._prompt_messages(route, req.messages, mode, contract, req.agent_signals())
         body = req.upstream_payload(route.upstream_model, messages=messages)
         return await self._forward(route, who, rw.info, body, req.stream, chat=True)
 
@@ -305,6 +348,17 @@ class Gateway:
             self.metrics.tokens.labels(alias, "completion").inc(completion)
             await self.limiter.charge_tokens(who, prompt + completion)
 
+    async def relay(
+        self, req: EmbeddingRequest | TokenizeRequest, who: Principal = ANONYMOUS
+    ) -> dict[str, Any]:
+        """``/v1/embeddings`` and ``/tokenize``: the alias's engine answers; the prompter has no part in them."""
+        route = self.route(req.model, who)
+        body = req.model_dump(exclude_unset=True)
+        body["model"] = route.upstream_model
+        if isinstance(req, EmbeddingRequest):
+            return await route.engine.embeddings(body)
+        return await route.engine.tokenize(body)
+
     async def rewrite_only(self, req: RewriteRequest, who: Principal = ANONYMOUS) -> RewriteResponse:
         """``/v1/alignpro/rewrite``: what the frozen model would be sent, without sending it."""
         if not self._reveals(who):
@@ -350,11 +404,26 @@ def _own_or(own: bool | None, default: bool) -> bool:
     return default if own is None else own
 
 
-def _last_user(messages: list[ChatMessage]) -> int | None:
-    for i in range(len(messages) - 1, -1, -1):
-        if messages[i].role == "user":
-            return i
-    return None
+def _context(chat: list[ChatMessage], idx: int, n: int) -> list[tuple[str, str]]:
+    """What the prompter sees before the user turn ``idx``: the last ``n`` user and assistant messages with text.
+    System prompts, tool calls and tool results are the application's, not the conversation's: left out."""
+    if n == 0:
+        return []
+    turns = [
+        (str(m.role), m.text()) for m in chat[:idx] if m.role in ("user", "assistant") and m.text().strip()
+    ]
+    return turns[-n:]
+
+
+def _turn(idx: int, info: AlignProInfo) -> TurnRewrite:
+    return TurnRewrite(
+        index=idx,
+        rewritten=info.rewritten,
+        cached=info.cached,
+        fallback=info.fallback,
+        original_prompt=info.original_prompt,
+        rewritten_prompt=info.rewritten_prompt,
+    )
 
 
 def _apply(messages: list[dict[str, Any]], idx: int, rw: Rewrite) -> None:

@@ -198,7 +198,7 @@ class Admission:
                     auth = value.decode("latin-1")
                     break
             principal = self.keys.authenticate(auth)
-            if scope["path"].startswith("/v1/"):
+            if scope["path"].startswith("/v1/") or scope["path"] == "/tokenize":
                 limits = self.limiter.limits(principal)
                 if limits.any:
                     await self.limiter.acquire(principal, limits)

@@ -26,10 +26,12 @@ from alignpro.protocol import (
     ChatCompletionRequest,
     Completion,
     CompletionRequest,
+    EmbeddingRequest,
     ErrorResponse,
     ModelList,
     RewriteRequest,
     RewriteResponse,
+    TokenizeRequest,
 )
 from alignpro.server import errors
 from alignpro.server.auth import ANONYMOUS, Principal
@@ -45,8 +47,16 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 413, 422, 429, 502, 503, 504)
 }
 # The request models of the routes that read their body themselves (see :func:`add_body_schemas`).
-BODY_MODELS: tuple[type[BaseModel], ...] = (ChatCompletionRequest, CompletionRequest, RewriteRequest)
-Body = TypeVar("Body", ChatCompletionRequest, CompletionRequest, RewriteRequest)
+BODY_MODELS: tuple[type[BaseModel], ...] = (
+    ChatCompletionRequest,
+    CompletionRequest,
+    RewriteRequest,
+    EmbeddingRequest,
+    TokenizeRequest,
+)
+Body = TypeVar(
+    "Body", ChatCompletionRequest, CompletionRequest, RewriteRequest, EmbeddingRequest, TokenizeRequest
+)
 Route = TypeVar("Route", bound=Callable[..., Any])
 
 
@@ -120,8 +130,9 @@ def add_body_schemas(app: FastAPI, models: tuple[type[BaseModel], ...] = BODY_MO
 
 
 # ------------------------------------------------------------------------------------------- /v1
-def _post(path: str, body: type[BaseModel], response: type[BaseModel]) -> Callable[[Route], Route]:
-    """A ``/v1`` POST route that reads its ``body`` itself (see :func:`_body`) and answers ``response``."""
+def _post(path: str, body: type[BaseModel], response: type[BaseModel] | None) -> Callable[[Route], Route]:
+    """A POST route that reads its ``body`` itself (see :func:`_body`) and answers ``response`` (None: the
+    upstream's JSON, relayed)."""
     return api_router.post(path, response_model=response, responses=ERRORS, openapi_extra=_body(body))
 
 
@@ -141,6 +152,18 @@ async def completions(request: Request) -> Response:
 async def rewrite(request: Request) -> RewriteResponse:
     req = await _read(request, RewriteRequest)
     return await _gateway(request).rewrite_only(req, _principal(request))
+
+
+@_post("/v1/embeddings", EmbeddingRequest, None)
+async def embeddings(request: Request) -> Response:
+    req = await _read(request, EmbeddingRequest)
+    return JSONResponse(await _gateway(request).relay(req, _principal(request)))
+
+
+@_post("/tokenize", TokenizeRequest, None)
+async def tokenize(request: Request) -> Response:
+    req = await _read(request, TokenizeRequest)
+    return JSONResponse(await _gateway(request).relay(req, _principal(request)))
 
 
 @api_router.get("/v1/models", response_model=ModelList, responses=ERRORS)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -24,6 +24,9 @@ from pydantic import (
 
 Mode = Literal["off", "reference", "adapter", "optimal"]
 Contract = Literal["rewrite", "augment"]
+# A seed is a signed 64-bit integer, as in OpenAI's API and vLLM; torch's generators take no wider one.
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+TokenId = Annotated[int, Field(ge=0)]
 
 
 class _Open(BaseModel):
@@ -175,11 +178,12 @@ class _SamplingRequest(_Open):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
+    max_completion_tokens: int | None = Field(None, ge=1)
     n: int = Field(1, ge=1, le=128)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     user: str | None = None
@@ -192,6 +196,10 @@ class _SamplingRequest(_Open):
             raise ValueError("at most 16 stop sequences")
         return v
 
+    def output_limit(self) -> int | None:
+        """The most tokens the answer may have, whichever of the two fields set it."""
+        return self.max_completion_tokens or self.max_tokens
+
     def upstream_payload(self, model: str, **replace: Any) -> dict[str, Any]:
         """The body to send upstream: what the caller set (extras included), minus our extension."""
         body = self.model_dump(exclude_unset=True, exclude_none=False, exclude={"alignpro"})
@@ -202,7 +210,6 @@ class _SamplingRequest(_Open):
 
 class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage] = Field(..., min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
     # Agent fields: relayed upstream as sent (the prompter never rewrites them; see Gateway.chat).
@@ -210,9 +217,6 @@ class ChatCompletionRequest(_SamplingRequest):
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None
-
-    def output_limit(self) -> int | None:
-        return self.max_completion_tokens or self.max_tokens
 
     def agent_signals(self) -> list[str]:
         """What makes this an agent's request: the structure the prompter must leave alone."""
@@ -225,7 +229,7 @@ class ChatCompletionRequest(_SamplingRequest):
 
 
 class CompletionRequest(_SamplingRequest):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool | None = None
     suffix: str | None = None
@@ -233,12 +237,21 @@ class CompletionRequest(_SamplingRequest):
     @field_validator("prompt")
     @classmethod
     def _non_empty(cls, v: Any) -> Any:
-        if isinstance(v, list) and not v:
-            raise ValueError("prompt must not be empty")
+        if isinstance(v, list) and (not v or any(isinstance(p, list) and not p for p in v)):
+            raise ValueError("prompt must not be empty, nor hold an empty list of token ids")
         return v
 
-    def output_limit(self) -> int | None:
-        return self.max_tokens
+    def prompts(self) -> int:
+        """How many prompts the request holds: each is decoded ``n`` times."""
+        p = self.prompt
+        return 1 if isinstance(p, str) or not isinstance(p[0], str | list) else len(p)
+
+    def text(self) -> str | None:
+        """The prompt as one text the prompter can read; None for token ids or a batch of prompts."""
+        p = self.prompt
+        if isinstance(p, str):
+            return p
+        return p[0] if len(p) == 1 and isinstance(p[0], str) else None
 
 
 class EmbeddingRequest(_Open):

@@ -127,12 +127,32 @@ class PrompterConfig(BaseModel):
     )
     timeout_s: float = Field(60.0, gt=0, description="Budget for the prompter stage.")
     conversation: ConversationConfig = Field(default_factory=ConversationConfig)
+    allowed_modes: list[Mode] = Field(
+        default_factory=list,
+        description="Other modes a request may pick with alignpro.mode (its own mode is always allowed): "
+        "`off` lets callers skip the prompter, `optimal` costs K+1 model calls per request.",
+    )
+    allow_unscreened: bool = Field(
+        False,
+        description="Serve what the prompter cannot read (token-id or batched completion prompts, requests with "
+        "no text) as it is; false answers 400.",
+    )
+    allow_client_system: bool = Field(
+        False,
+        description="Serve the caller's own system (and developer) messages, which the prompter does not see (an "
+        "agent's system prompt); false answers 400.",
+    )
 
     @field_validator("mode", mode="before")
     @classmethod
     def _yaml_off(cls, v: Any) -> Any:
         # YAML 1.1 reads a bare `off` as False; that is what the user meant.
         return "off" if v is False else v
+
+    @field_validator("allowed_modes", mode="before")
+    @classmethod
+    def _yaml_off_in_list(cls, v: Any) -> Any:
+        return ["off" if m is False else m for m in v] if isinstance(v, list) else v
 
 
 class AliasConfig(BaseModel):

@@ -123,6 +123,7 @@ aliases:
     prompter:
       mode: reference
       engine: stub
+      allowed_modes: [optimal]
 """
     )
     port = free_port()

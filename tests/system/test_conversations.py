@@ -31,7 +31,7 @@ def _config(url: str) -> str:
 engines:
   up: {{kind: openai, urls: ["{url}"], model: frozen}}
 aliases:
-  agent: {{engine: up, prompter: {{mode: reference, engine: up, fail_policy: closed}}}}
+  agent: {{engine: up, prompter: {{mode: reference, engine: up, fail_policy: closed, allow_client_system: true}}}}
   agent-off: {{engine: up, prompter: {{mode: reference, engine: up, conversation: {{agents: "off"}}}}}}
 """
 

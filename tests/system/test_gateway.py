@@ -108,12 +108,21 @@ def test_n_and_stop(client: openai.OpenAI) -> None:
 
 def test_mode_override_per_request(client: openai.OpenAI) -> None:
     resp = client.chat.completions.create(
-        model="smollm2-aligned",
+        model="smollm2",
         messages=[{"role": "user", "content": "Hi"}],
         max_tokens=4,
         extra_body={"alignpro": {"mode": "off"}},
     )
     assert resp.model_extra and resp.model_extra["alignpro"]["mode"] == "off"
+    # An aligned alias keeps its prompter unless its operator lists other modes (allowed_modes).
+    with pytest.raises(openai.PermissionDeniedError) as err:
+        client.chat.completions.create(
+            model="smollm2-aligned",
+            messages=[{"role": "user", "content": "Hi"}],
+            max_tokens=4,
+            extra_body={"alignpro": {"mode": "off"}},
+        )
+    assert err.value.code == "mode_not_allowed"
 
 
 @pytest.mark.parametrize(

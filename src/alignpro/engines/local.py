@@ -63,6 +63,7 @@ class GenRequest:
     # Called from the generation thread with each new piece of text (already stop-checked).
     on_text: Callable[[str], None] | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
+    streamed: bool = False  # some text went to on_text already: a failed batch cannot re-run this row
 
 
 @dataclass
@@ -98,6 +99,7 @@ class _Rows:
         if not self.finish[i] and text.endswith("\ufffd"):
             upto = min(upto, len(text) - 1)
         if upto > self.emitted[i]:
+            self.reqs[i].streamed = True
             on_text(text[self.emitted[i] : upto])
             self.emitted[i] = upto
 
@@ -135,6 +137,7 @@ class Generator:
         self.model = model
         cfg = model.config
         self.context_length: int = int(getattr(cfg, "max_position_embeddings", 2048))
+        self.vocab_size: int = int(model.get_input_embeddings().num_embeddings)
         eos = model.generation_config.eos_token_id if model.generation_config else None
         eos_ids = {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
         if isinstance(eos, int):
@@ -155,6 +158,19 @@ class Generator:
 
     def text_ids(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def check_ids(self, ids: list[int]) -> None:
+        """Refuse a prompt the model cannot embed: empty, or a token id outside the vocabulary. Checked before
+        the row joins a batch, where it would fail every request decoded with it."""
+        if not ids:
+            raise InvalidRequestError("the prompt is empty", param="prompt", code="empty_prompt")
+        bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise InvalidRequestError(
+                f"token id {bad} is outside the vocabulary (0 to {self.vocab_size - 1})",
+                param="prompt",
+                code="invalid_token_id",
+            )
 
     def check_length(self, n_prompt: int, max_new: int | None) -> int:
         """The number of new tokens to decode; raise ContextLengthError when it cannot fit."""
@@ -373,20 +389,37 @@ class LocalEngine(Engine):
                     break
                 batch.append(nxt)
                 rows += len(nxt.reqs)
-            flat = [r for j in batch for r in j.reqs]
-            self.batches += 1
-            self.rows += len(flat)
-            try:
-                results = self.generator.generate(flat)
-            except BaseException as exc:  # handed to every waiter; the worker lives on
-                log.exception("local generation failed")
-                for j in batch:
-                    j.done(exc)
-                continue
-            i = 0
+            self._decode_batch(batch)
+
+    def _decode_batch(self, batch: list[_Job]) -> None:
+        """Decode the rows of ``batch`` (in slices of ``max_batch_size``: one job may hold more rows); when that
+        fails, each job is decoded alone, so that one request's failure is its own and not its batch's."""
+        flat = [r for j in batch for r in j.reqs]
+        try:
+            results = self._generate(flat)
+        except BaseException as exc:
+            log.exception("local generation failed (%d requests in the batch)", len(batch))
             for j in batch:
-                j.done(results[i : i + len(j.reqs)])
-                i += len(j.reqs)
+                # A row that streamed text already cannot start again: its request gets the error.
+                if len(batch) == 1 or any(r.streamed for r in j.reqs):
+                    j.done(exc)
+                else:
+                    self._decode_batch([j])
+            return
+        i = 0
+        for j in batch:
+            j.done(results[i : i + len(j.reqs)])
+            i += len(j.reqs)
+
+    def _generate(self, rows: list[GenRequest]) -> list[GenResult]:
+        assert self.generator is not None
+        size = self.cfg.max_batch_size
+        results: list[GenResult] = []
+        for s in range(0, len(rows), size):
+            self.batches += 1
+            self.rows += len(rows[s : s + size])
+            results += self.generator.generate(rows[s : s + size])
+        return results
 
     async def _submit(self, reqs: list[GenRequest]) -> list[GenResult]:
         if self._worker is None:
@@ -438,6 +471,7 @@ class LocalEngine(Engine):
         max_new = body.get("max_completion_tokens") or body.get("max_tokens")
         reqs = []
         for ids in prompts:
+            self.generator.check_ids(ids)
             limit = self.generator.check_length(len(ids), max_new)
             for k in range(n):
                 reqs.append(

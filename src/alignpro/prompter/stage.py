@@ -25,7 +25,12 @@ from alignpro.errors import (
     UpstreamUnavailableError,
 )
 from alignpro.prompter.cache import TTLCache
-from alignpro.prompter.instruction import prompter_outputs, prompter_request, render_context
+from alignpro.prompter.instruction import (
+    frame_guidance,
+    prompter_outputs,
+    prompter_request,
+    render_context,
+)
 from alignpro.prompter.validate import Validator, default_validator
 from alignpro.protocol import AlignProInfo, Contract, Mode
 from alignpro.settings import PrompterConfig
@@ -202,8 +207,8 @@ class PrompterStage:
                 self.on_fallback(reason)
             return Rewrite(info, text)
         if info.contract == "augment":
-            info.rewritten, info.rewritten_prompt, info.guidance = True, text, out
-            return Rewrite(info, text, guidance=out)
+            info.rewritten, info.rewritten_prompt, info.guidance = True, text, frame_guidance(out)
+            return Rewrite(info, text, guidance=info.guidance)
         info.rewritten_prompt = out
         # `rewritten` means the frozen model is sent something else; the prompter's KEEP (or an output equal to
         # the original) is its choice to keep the prompt, reported as `kept`.

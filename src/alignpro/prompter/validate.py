@@ -23,7 +23,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from alignpro.errors import ConfigError
-from alignpro.prompter.injection import echo_fragment
+from alignpro.prompter.injection import echo_fragment, override_directive
 from alignpro.prompter.instruction import Parsed, parse_output
 from alignpro.protocol import Contract
 
@@ -134,6 +134,10 @@ class OutputValidator:
         if contract == "rewrite" and echo_fragment(original, parsed.text):
             self._count("echo_fragment")
             return Parsed(None, "echo_fragment")
+        # KEEP serves the caller's own words; anything the prompter wrote must not lift the assistant's rules.
+        if parsed.text != original and override_directive(parsed.text):
+            self._count("override_directive")
+            return Parsed(None, "override_directive")
         threshold = self.min_similarity.get(contract, 0.0)
         if threshold > 0 and parsed.text != original:
             # A follow-up's rewrite names what it refers to from earlier turns: on topic for the conversation.

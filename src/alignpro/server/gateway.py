@@ -145,10 +145,18 @@ class Gateway:
                 code="too_many_messages",
             )
 
-    def _check_caps(self, n: int, max_tokens: int | None) -> None:
+    def _check_caps(self, n: int, max_tokens: int | None, prompts: int = 1) -> None:
+        """``n`` answers to each of ``prompts`` prompts: every one is a row decoded, so the rows are capped."""
         if n > self.settings.max_n:
             raise InvalidRequestError(
                 f"n must be at most {self.settings.max_n}", param="n", code="invalid_value"
+            )
+        if n * prompts > self.settings.max_n:
+            raise InvalidRequestError(
+                f"{prompts} prompts x n={n} asks for {n * prompts} completions; at most {self.settings.max_n} "
+                "per request",
+                param="prompt",
+                code="too_many_completions",
             )
         if max_tokens is not None and max_tokens > self.settings.max_tokens_cap:
             raise InvalidRequestError(
@@ -158,7 +166,8 @@ class Gateway:
             )
 
     def _mode(self, route: Route, opts: AlignProOptions | None, who: Principal) -> tuple[Mode, Contract]:
-        mode, contract = route.cfg.prompter.mode, route.cfg.prompter.contract
+        cfg = route.cfg.prompter
+        mode, contract = cfg.mode, cfg.contract
         if opts is not None and (opts.mode or opts.contract):
             if not _own_or(who.allow_mode_override, self.settings.allow_mode_override):
                 raise PermissionDeniedError(
@@ -166,8 +175,34 @@ class Gateway:
                     param="alignpro",
                     code="override_not_allowed",
                 )
+            if opts.mode is not None and opts.mode != mode and opts.mode not in cfg.allowed_modes:
+                raise PermissionDeniedError(
+                    f"the model '{route.alias}' does not let requests pick the prompter mode '{opts.mode}'",
+                    param="alignpro.mode",
+                    code="mode_not_allowed",
+                )
             mode, contract = opts.mode or mode, opts.contract or contract
         return mode, contract
+
+    @staticmethod
+    def _screened(route: Route, mode: Mode, unread: str | None, code: str, param: str, allowed: bool) -> None:
+        """An aligned alias answers only what its prompter read: ``unread`` (what it could not read, if any) is
+        refused unless the alias ``allowed`` it."""
+        if unread is not None and mode != "off" and not allowed:
+            raise InvalidRequestError(
+                f"the model '{route.alias}' answers only what its prompter screens, and it cannot screen {unread}",
+                param=param,
+                code=code,
+            )
+
+    def _screen_chat(self, route: Route, mode: Mode, messages: list[ChatMessage]) -> None:
+        cfg = route.cfg.prompter
+        system = any(m.role in ("system", "developer") for m in messages)
+        unread = "the caller's system messages" if system else None
+        self._screened(route, mode, unread, "system_not_screened", "messages", cfg.allow_client_system)
+        text = next((m.text() for m in reversed(messages) if m.role == "user"), "")
+        unread = "a request without user text" if not text.strip() else None
+        self._screened(route, mode, unread, "no_text", "messages", cfg.allow_unscreened)
 
     def _reveals(self, who: Principal) -> bool:
         return _own_or(who.reveal_rewrite, self.settings.reveal_rewrite)
@@ -269,28 +304,44 @@ class Gateway:
         self._check_messages(req.messages)
         self._check_caps(req.n, req.output_limit())
         mode, contract = self._mode(route, req.alignpro, who)
+        self._screen_chat(route, mode, req.messages)
         messages, rw = await self._prompt_messages(route, req.messages, mode, contract, req.agent_signals())
         body = req.upstream_payload(route.upstream_model, messages=messages)
         return await self._forward(route, who, rw.info, body, req.stream, chat=True)
 
     async def completion(self, req: CompletionRequest, who: Principal = ANONYMOUS) -> Reply:
         route = self.route(req.model, who)
-        self._check_caps(req.n, req.output_limit())
+        self._check_caps(req.n, req.output_limit(), req.prompts())
         mode, contract = self._mode(route, req.alignpro, who)
-        prompt = req.prompt
-        text = (
-            prompt
-            if isinstance(prompt, str)
-            else (prompt[0] if len(prompt) == 1 and isinstance(prompt[0], str) else None)
+        text = req.text()
+        self._screened(
+            route,
+            mode,
+            "token ids or a list of prompts" if text is None else None,
+            "prompt_not_text",
+            "prompt",
+            route.cfg.prompter.allow_unscreened,
+        )
+        self._screened(
+            route,
+            mode,
+            "an empty prompt" if text is not None and not text.strip() else None,
+            "no_text",
+            "prompt",
+            route.cfg.prompter.allow_unscreened,
         )
         rw = await self._apply_prompter(route, text, mode, contract)
-        replace: dict[str, Any] = {}
+        # A completion has one length field upstream (max_tokens); max_completion_tokens is its chat name.
+        replace: dict[str, Any] = {"max_tokens": req.output_limit()} if req.max_completion_tokens else {}
         if rw.info.rewritten:
             # A completion prompt has no system turn: augment guidance goes in front of the verbatim prompt.
             replace["prompt"] = f"{rw.guidance}\n\n{text}" if rw.guidance else rw.prompt
         elif text is None and mode != "off":
-            rw.info.fallback = "prompt_not_text"  # token ids or a batch of prompts are passed through
+            rw.info.fallback = (
+                "prompt_not_text"  # allowed unscreened: token ids or a batch are passed through
+            )
         body = req.upstream_payload(route.upstream_model, **replace)
+        body.pop("max_completion_tokens", None)
         return await self._forward(route, who, rw.info, body, req.stream, chat=False)
 
     async def _forward(

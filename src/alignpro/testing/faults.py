@@ -4,6 +4,7 @@ It answers like an instant OpenAI server, except for what the request's ``model`
 
     ok            a normal answer (streaming too)
     say-<text>    a normal answer whose content is <text> (a scripted prompter output, KEEP say)
+    echo          answers with the text of the last message (a prompter that keeps every request as it is)
     slow-<s>      sleep <s> seconds before answering
     status-<n>    answer HTTP <n> with an OpenAI error body
     badjson       200 with a body that is not JSON
@@ -53,6 +54,12 @@ def _chunk(model: str, content: str | None, finish: str | None = None) -> bytes:
         "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
     }
     return b"data: " + json.dumps(body).encode() + b"\n\n"
+
+
+def _last_text(body: dict[str, Any]) -> str:
+    messages = body.get("messages") or [{"content": body.get("prompt")}]
+    content = messages[-1].get("content")
+    return content if isinstance(content, str) else json.dumps(content)
 
 
 class FaultInjector:
@@ -121,6 +128,8 @@ class FaultInjector:
             return StreamingResponse(
                 self._stream(model, drop=model == "dropstream"), media_type="text/event-stream"
             )
+        if model == "echo":
+            return JSONResponse(_chat(model, _last_text(body)))
         return JSONResponse(_chat(model, model[4:] if model.startswith("say-") else "ok"))
 
     async def _stream(self, model: str, drop: bool) -> Any:

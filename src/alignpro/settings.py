@@ -280,6 +280,17 @@ class Settings(BaseSettings):
     max_concurrent_per_key: int = Field(
         0, ge=0, description="Concurrent requests per key and gateway process (0 = unlimited)."
     )
+    audit_log: bool = Field(
+        True, description="One JSON line per /v1 request on the alignpro.audit logger (see server/audit.py)."
+    )
+    audit_log_prompts: bool = Field(
+        False, description="Put the original and sent prompts themselves in the audit line (else hashes)."
+    )
+    tracing: Literal["off", "otlp", "console"] = Field(
+        "off",
+        description="OpenTelemetry traces: otlp (OTEL_EXPORTER_OTLP_* variables configure it), console, or off; "
+        "needs the [otel] extra.",
+    )
     shutdown_grace_s: float = Field(30.0, ge=0, description="How long SIGTERM waits for in-flight requests.")
     log_level: str = "info"
 

@@ -33,7 +33,10 @@ def _settings(faults: FaultInjector, **extra: Any) -> Settings:
         engines={"frozen": engine("ok"), "keeper": engine("say-KEEP"), "writer": engine(f"say-{REWRITE}")},
         aliases={
             "kept": {"engine": "frozen", "prompter": {"mode": "reference", "engine": "keeper"}},
-            "aligned": {"engine": "frozen", "prompter": {"mode": "reference", "engine": "writer"}},
+            "aligned": {
+                "engine": "frozen",
+                "prompter": {"mode": "reference", "engine": "writer", "allowed_modes": ["off"]},
+            },
             "plain": {"engine": "frozen", "prompter": {"mode": "off"}},
         },
         rewrite_cache_size=0,

@@ -12,11 +12,19 @@ from __future__ import annotations
 import json
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
-from typing import Any
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import httpx
 
 from alignpro.errors import InvalidRequestError
 
 DONE_EVENT = b"data: [DONE]\n\n"
+
+# The id of the gateway request this task serves (set by the server); HTTP engines send it upstream as
+# x-request-id, so the gateway's audit line and the upstream's log of one request can be joined.
+REQUEST_ID: ContextVar[str | None] = ContextVar("alignpro_request_id", default=None)
 
 
 def sse_event(obj: dict[str, Any]) -> bytes:
@@ -36,6 +44,10 @@ class Engine(ABC):
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Release what :meth:`start` opened."""
+
+    def http_clients(self) -> list[httpx.AsyncClient]:
+        """The HTTP clients the engine calls its upstreams with, once started (for tracing)."""
+        return []
 
     @abstractmethod
     async def ready(self) -> dict[str, Any]:

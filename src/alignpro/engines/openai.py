@@ -34,7 +34,7 @@ from typing import Any
 
 import httpx
 
-from alignpro.engines.base import DONE_EVENT, Engine, sse_event
+from alignpro.engines.base import DONE_EVENT, REQUEST_ID, Engine, sse_event
 from alignpro.engines.transport import FastTransport
 from alignpro.errors import (
     AlignProError,
@@ -146,6 +146,7 @@ class OpenAIEngine(Engine):
             timeout=self.timeout,
             headers=self._headers,
             transport=FastTransport(max_connections=self.cfg.max_inflight),
+            event_hooks={"request": [_send_request_id]},
         )
         self._prober = asyncio.create_task(self._probe_loop(), name=f"alignpro-probe-{self.name}")
 
@@ -156,6 +157,9 @@ class OpenAIEngine(Engine):
                 await self._prober
         if self._client is not None:
             await self._client.aclose()
+
+    def http_clients(self) -> list[httpx.AsyncClient]:
+        return [self.client]
 
     @property
     def client(self) -> httpx.AsyncClient:
@@ -376,6 +380,13 @@ class OpenAIEngine(Engine):
         finally:
             rep.outstanding -= 1
             await resp.aclose()
+
+
+async def _send_request_id(request: httpx.Request) -> None:
+    """Forward the id of the gateway request being served (vLLM logs it and echoes it), for the audit trail."""
+    rid = REQUEST_ID.get()
+    if rid is not None:
+        request.headers["x-request-id"] = rid
 
 
 def _stream_error(message: str, code: str) -> bytes:

@@ -56,6 +56,10 @@ class Rewrite:
     prompt: str  # the user text to send (rewritten, or the original)
     guidance: str | None = None  # augment contract: the system guidance to add
 
+    def sent_text(self) -> str:
+        """The prompt as one text: the guidance in front of the verbatim prompt (augment), or the prompt."""
+        return f"{self.guidance}\n\n{self.prompt}" if self.guidance else self.prompt
+
 
 class PrompterStage:
     def __init__(

@@ -16,8 +16,10 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from alignpro import __version__
+from alignpro.engines.base import REQUEST_ID
 from alignpro.errors import AlignProError
-from alignpro.server import errors, routes
+from alignpro.server import audit, errors, routes
+from alignpro.server.audit import Call
 from alignpro.server.gateway import Gateway
 from alignpro.server.limits import Admission
 from alignpro.server.metrics import Metrics
@@ -28,16 +30,18 @@ log = logging.getLogger(__name__)
 
 
 class Envelope:
-    """ASGI middleware: request id, metrics; errors in the OpenAI shape (auth and limits: :class:`Admission`).
+    """ASGI middleware: request id, metrics (:meth:`Metrics.count_request`); errors in the OpenAI shape (auth and limits: :class:`Admission`).
 
     Plain ASGI rather than ``@app.middleware("http")``: Starlette's ``BaseHTTPMiddleware`` runs every request in
     a task group with a memory stream between it and the route, which cost about a third of the gateway's CPU
     per pass-through request (bench/README.md) and re-chunks streamed responses.
     """
 
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics, settings: Settings) -> None:
         self.app = app
         self.metrics = metrics
+        self.audit = settings.audit_log
+        self.audit_prompts = settings.audit_log_prompts
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -49,6 +53,9 @@ class Envelope:
                 rid = value
                 break
         rid = rid or uuid.uuid4().hex.encode()
+        call = Call(rid.decode("latin-1"))
+        scope.setdefault("state", {})["call"] = call
+        token = REQUEST_ID.set(call.request_id)  # the engines send it upstream
         status = 500  # what an exception that escapes the app becomes
         started = False
 
@@ -69,11 +76,11 @@ class Envelope:
                 raise
             await errors.error_response(exc)(scope, receive, send_with_id)
         finally:
+            REQUEST_ID.reset(token)
             metrics.inflight.dec()
-            if status >= 400:
-                metrics.errors.labels(str(status)).inc()
-            alias = scope.get("state", {}).get("alias", "")
-            metrics.requests.labels(scope["path"], alias, str(status)).inc()
+            route = metrics.count_request(scope, status)
+            if self.audit and scope["path"].startswith("/v1/"):
+                audit.write(call, route, status, self.audit_prompts)
 
 
 def create_app(
@@ -98,9 +105,10 @@ def create_app(
     app.state.drain = drain
     app.state.settings = settings
     errors.install(app)
+    gw.tracing.instrument_app(app)
     # Added before Envelope, so it runs inside it: its rejections get a request id and are counted.
     app.add_middleware(Admission, keys=gw.keys, limiter=gw.limiter, drain=drain)
-    app.add_middleware(Envelope, metrics=gw.metrics)
+    app.add_middleware(Envelope, metrics=gw.metrics, settings=settings)
     app.include_router(routes.api_router)
     app.include_router(routes.ops_router)
     routes.add_body_schemas(app)
@@ -116,6 +124,12 @@ def serve(settings: Settings) -> None:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    # The audit trail is one bare JSON object a line, for log shippers to parse as is.
+    trail = logging.StreamHandler()
+    trail.setFormatter(logging.Formatter("%(message)s"))
+    audit.log.addHandler(trail)
+    audit.log.setLevel(logging.INFO)
+    audit.log.propagate = False
     drain = Drain()
     config = uvicorn.Config(
         create_app(settings, drain=drain),

@@ -43,10 +43,12 @@ from alignpro.protocol import (
     TokenizeRequest,
     TurnRewrite,
 )
+from alignpro.server.audit import Call, outcome
 from alignpro.server.auth import ANONYMOUS, KeyStore, Principal
 from alignpro.server.errors import error_event
 from alignpro.server.limits import KeyLimiter
 from alignpro.server.metrics import Metrics
+from alignpro.server.tracing import Tracing, from_settings
 from alignpro.settings import AliasConfig, Settings
 
 if TYPE_CHECKING:
@@ -84,11 +86,13 @@ class Gateway:
         settings: Settings,
         engines: dict[str, Engine] | None = None,
         reward: str | RewardFn = DEFAULT_REWARD,
+        tracing: Tracing | None = None,
     ) -> None:
         """``engines`` replaces the engines the settings name (already started by the caller's choice);
         ``reward`` is what mode ``optimal`` estimates R with (loaded on the first optimal request)."""
         self.settings = settings
-        self.metrics = Metrics()
+        self.metrics = Metrics(settings.aliases)
+        self.tracing = tracing or from_settings(settings.tracing)
         self.engines = engines or {
             n: build_engine(n, c, Timeouts.of(settings)) for n, c in settings.engines.items()
         }
@@ -116,10 +120,13 @@ class Gateway:
 
     async def start(self) -> None:
         await asyncio.gather(*(e.start() for e in self.engines.values()))
+        self.tracing.instrument_clients(c for e in self.engines.values() for c in e.http_clients())
         await asyncio.gather(*(r.stage.start() for r in self.routes.values()))
 
     async def aclose(self) -> None:
         await asyncio.gather(*(e.aclose() for e in self.engines.values()), return_exceptions=True)
+        if self.tracing.provider is not None:
+            self.tracing.provider.shutdown()  # flush the spans still batched
 
     async def ready(self) -> dict[str, Any]:
         return {name: await e.ready() for name, e in self.engines.items()}
@@ -241,8 +248,12 @@ class Gateway:
             if mode != "off":
                 info.fallback = "no_text"
             return Rewrite(info, text or "")
-        with self.metrics.stage_seconds.labels("prompter", route.alias).time():
+        with self.tracing.span("alignpro.prompter", alias=route.alias, mode=mode) as span:
             rw = await route.stage.rewrite(text, mode, contract, context)
+            how = "cached" if rw.info.cached else outcome(rw.info)
+            if span is not None:
+                span.set_attribute("outcome", how)
+        self.metrics.prompter_seconds.labels(route.alias, how).observe(rw.info.prompter_ms / 1000)
         if rw.info.cached:
             self.metrics.cache_hits.inc()
         elif mode != "optimal" and self.cache is not None:
@@ -299,17 +310,24 @@ class Gateway:
         return messages, rw
 
     # ------------------------------------------------------------------------------------ requests
-    async def chat(self, req: ChatCompletionRequest, who: Principal = ANONYMOUS) -> Reply:
+    async def chat(
+        self, req: ChatCompletionRequest, who: Principal = ANONYMOUS, call: Call | None = None
+    ) -> Reply:
+        call = call or Call("in-process")
         route = self.route(req.model, who)
         self._check_messages(req.messages)
         self._check_caps(req.n, req.output_limit())
         mode, contract = self._mode(route, req.alignpro, who)
         self._screen_chat(route, mode, req.messages)
         messages, rw = await self._prompt_messages(route, req.messages, mode, contract, req.agent_signals())
+        call.prompted(route.alias, rw.info, rw.sent_text())
         body = req.upstream_payload(route.upstream_model, messages=messages)
-        return await self._forward(route, who, rw.info, body, req.stream, chat=True)
+        return await self._forward(route, who, call, rw.info, body, req.stream, chat=True)
 
-    async def completion(self, req: CompletionRequest, who: Principal = ANONYMOUS) -> Reply:
+    async def completion(
+        self, req: CompletionRequest, who: Principal = ANONYMOUS, call: Call | None = None
+    ) -> Reply:
+        call = call or Call("in-process")
         route = self.route(req.model, who)
         self._check_caps(req.n, req.output_limit(), req.prompts())
         mode, contract = self._mode(route, req.alignpro, who)
@@ -335,41 +353,63 @@ class Gateway:
         replace: dict[str, Any] = {"max_tokens": req.output_limit()} if req.max_completion_tokens else {}
         if rw.info.rewritten:
             # A completion prompt has no system turn: augment guidance goes in front of the verbatim prompt.
-            replace["prompt"] = f"{rw.guidance}\n\n{text}" if rw.guidance else rw.prompt
+            replace["prompt"] = rw.sent_text()
         elif text is None and mode != "off":
             rw.info.fallback = (
                 "prompt_not_text"  # allowed unscreened: token ids or a batch are passed through
             )
+        call.prompted(route.alias, rw.info, replace.get("prompt", text))
         body = req.upstream_payload(route.upstream_model, **replace)
         body.pop("max_completion_tokens", None)
-        return await self._forward(route, who, rw.info, body, req.stream, chat=False)
+        return await self._forward(route, who, call, rw.info, body, req.stream, chat=False)
 
     async def _forward(
-        self, route: Route, who: Principal, info: AlignProInfo, body: dict[str, Any], stream: bool, chat: bool
+        self,
+        route: Route,
+        who: Principal,
+        call: Call,
+        info: AlignProInfo,
+        body: dict[str, Any],
+        stream: bool,
+        chat: bool,
     ) -> Reply:
         headers = self._headers(info)
         engine = route.engine
+        start = time.perf_counter()
         if not stream:
-            with self.metrics.stage_seconds.labels("frozen", route.alias).time():
-                resp = await (engine.chat(body) if chat else engine.completion(body))
+            try:
+                with self.tracing.span("alignpro.frozen", alias=route.alias, stream=False):
+                    resp = await (engine.chat(body) if chat else engine.completion(body))
+            finally:
+                self._frozen_done(route, call, start)
             await self._count_usage(route.alias, who, resp.get("usage"))
             resp["alignpro"] = self._visible(info, who)
             return Reply(info, headers, body=resp)
         gen = engine.chat_stream(body) if chat else engine.completion_stream(body)
-        start = time.perf_counter()
         try:
-            first = await gen.__anext__()  # upstream errors surface here, before any byte is sent
+            # The span covers the stream's opening, to its first event; the rest is relayed after the route returned.
+            with self.tracing.span("alignpro.frozen", alias=route.alias, stream=True):
+                first = await gen.__anext__()  # upstream errors surface here, before any byte is sent
         except StopAsyncIteration:
             first = DONE_EVENT
         except BaseException:
             await gen.aclose()  # type: ignore[attr-defined]
+            self._frozen_done(route, call, start)
             raise
-        return Reply(info, headers, stream=self._relay(route, who, info, first, gen, start))
+        call.ttft_ms = call.since_start_ms()
+        self.metrics.ttft_seconds.labels(route.alias).observe(call.ttft_ms / 1000)
+        return Reply(info, headers, stream=self._relay(route, who, call, info, first, gen, start))
+
+    def _frozen_done(self, route: Route, call: Call, start: float) -> None:
+        took = time.perf_counter() - start
+        call.frozen_ms = round(took * 1000, 3)
+        self.metrics.stage_seconds.labels("frozen", route.alias).observe(took)
 
     async def _relay(
         self,
         route: Route,
         who: Principal,
+        call: Call,
         info: AlignProInfo,
         first: bytes,
         rest: AsyncIterator[bytes],
@@ -387,7 +427,7 @@ class Gateway:
             yield DONE_EVENT
         finally:
             await rest.aclose()  # type: ignore[attr-defined]
-            self.metrics.stage_seconds.labels("frozen", route.alias).observe(time.perf_counter() - start)
+            self._frozen_done(route, call, start)
 
     async def _count_usage(self, alias: str, who: Principal, usage: Any) -> None:
         if isinstance(usage, dict):
@@ -410,8 +450,11 @@ class Gateway:
             return await route.engine.embeddings(body)
         return await route.engine.tokenize(body)
 
-    async def rewrite_only(self, req: RewriteRequest, who: Principal = ANONYMOUS) -> RewriteResponse:
+    async def rewrite_only(
+        self, req: RewriteRequest, who: Principal = ANONYMOUS, call: Call | None = None
+    ) -> RewriteResponse:
         """``/v1/alignpro/rewrite``: what the frozen model would be sent, without sending it."""
+        call = call or Call("in-process")
         if not self._reveals(who):
             raise PermissionDeniedError("this gateway does not reveal rewrites", code="rewrite_hidden")
         route = self.route(req.model, who)
@@ -420,13 +463,15 @@ class Gateway:
             raise InvalidRequestError("give exactly one of prompt or messages", param="prompt")
         if req.prompt is not None:
             rw = await self._apply_prompter(route, req.prompt, mode, contract)
-            prompt = f"{rw.guidance}\n\n{req.prompt}" if rw.guidance else rw.prompt
+            call.prompted(route.alias, rw.info, rw.sent_text())
+            prompt = rw.sent_text()
             return RewriteResponse(model=req.model, prompt=prompt, alignpro=rw.info)
         assert req.messages is not None
         if not req.messages:
             raise InvalidRequestError("messages must not be empty", param="messages")
         self._check_messages(req.messages)
         messages, rw = await self._prompt_messages(route, req.messages, mode, contract)
+        call.prompted(route.alias, rw.info, rw.sent_text())
         return RewriteResponse(
             model=req.model, messages=[ChatMessage.model_validate(m) for m in messages], alignpro=rw.info
         )

@@ -207,7 +207,10 @@ class Admission:
         except AlignProError as exc:
             await error_response(exc)(scope, receive, send)
             return
-        scope.setdefault("state", {})["principal"] = principal
+        state = scope.setdefault("state", {})
+        state["principal"] = principal
+        if "call" in state:
+            state["call"].key_id = principal.id
         self.drain.enter()
         try:
             await self.app(scope, receive, send)

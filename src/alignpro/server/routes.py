@@ -34,6 +34,7 @@ from alignpro.protocol import (
     TokenizeRequest,
 )
 from alignpro.server import errors
+from alignpro.server.audit import Call
 from alignpro.server.auth import ANONYMOUS, Principal
 from alignpro.server.gateway import Gateway, Reply
 from alignpro.server.metrics import Metrics
@@ -69,6 +70,12 @@ def _gateway(request: Request) -> Gateway:
 def _principal(request: Request) -> Principal:
     """The caller :class:`~alignpro.server.limits.Admission` authenticated."""
     return getattr(request.state, "principal", ANONYMOUS)
+
+
+def _call(request: Request) -> Call:
+    """The audit record :class:`~alignpro.server.app.Envelope` opened for this request."""
+    call: Call = request.state.call
+    return call
 
 
 # ------------------------------------------------------------------------------------------- bodies
@@ -139,19 +146,19 @@ def _post(path: str, body: type[BaseModel], response: type[BaseModel] | None) ->
 @_post("/v1/chat/completions", ChatCompletionRequest, ChatCompletion)
 async def chat_completions(request: Request) -> Response:
     req = await _read(request, ChatCompletionRequest)
-    return _respond(await _gateway(request).chat(req, _principal(request)))
+    return _respond(await _gateway(request).chat(req, _principal(request), _call(request)))
 
 
 @_post("/v1/completions", CompletionRequest, Completion)
 async def completions(request: Request) -> Response:
     req = await _read(request, CompletionRequest)
-    return _respond(await _gateway(request).completion(req, _principal(request)))
+    return _respond(await _gateway(request).completion(req, _principal(request), _call(request)))
 
 
 @_post("/v1/alignpro/rewrite", RewriteRequest, RewriteResponse)
 async def rewrite(request: Request) -> RewriteResponse:
     req = await _read(request, RewriteRequest)
-    return await _gateway(request).rewrite_only(req, _principal(request))
+    return await _gateway(request).rewrite_only(req, _principal(request), _call(request))
 
 
 @_post("/v1/embeddings", EmbeddingRequest, None)

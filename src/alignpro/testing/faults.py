@@ -68,6 +68,7 @@ class FaultInjector:
         self.received: Counter[str] = Counter()
         self.streams: Counter[str] = Counter()  # slowstream outcomes: "finished" | "abandoned"
         self.last_bodies: list[dict[str, Any]] = []
+        self.last_headers: list[dict[str, str]] = []  # of the requests in last_bodies
         app = Starlette(
             routes=[
                 Route("/v1/chat/completions", self._chat, methods=["POST"]),
@@ -106,6 +107,7 @@ class FaultInjector:
         model = str(body.get("model", "ok"))
         self.received[model] += 1
         self.last_bodies.append(body)
+        self.last_headers.append(dict(request.headers))
         if model.startswith("slow-"):
             await asyncio.sleep(float(model.split("-", 1)[1]))
         elif model.startswith("status-"):

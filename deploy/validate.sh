@@ -88,7 +88,7 @@ compose() {
         "${COMPOSE[@]}" --env-file "$envfile" -f deploy/compose.yaml "$@"
 }
 # profile -> the services it must run (the gateway has no profile and runs with either).
-for entry in "gpu:gateway vllm" "cpu:gateway vllm-cpu" ":gateway"; do
+for entry in "gpu:gateway redis vllm" "cpu:gateway redis vllm-cpu" ":gateway redis"; do
     profile="${entry%%:*}" want="${entry#*:}"
     args=()
     [[ -n "$profile" ]] && args=(--profile "$profile")
@@ -196,6 +196,14 @@ with helm.Chart.load(chart) as c:
         has_hpa = any(d["kind"] == "HorizontalPodAutoscaler" for d in docs)
         if has_hpa != g["autoscaling"]["enabled"]:
             fail(f"{name}: HPA rendered={has_hpa}, autoscaling.enabled={g['autoscaling']['enabled']}")
+        r = merged["redis"]
+        redis_url = settings.get("redis_url")
+        if r["enabled"]:
+            # The pods share one Redis: a rendered Service.
+            if not redis_url or redis_url.split("/")[2].split(":")[0] not in services:
+                fail(f"{name}: redis.enabled but the gateway's redis_url {redis_url} names no rendered Service")
+        elif redis_url != (r["externalUrl"] or None):
+            fail(f"{name}: gateway redis_url {redis_url}, expected redis.externalUrl {r['externalUrl']!r}")
         (work / "settings" / f"{name}.yaml").write_text(cm["data"]["gateway.yaml"])
         print(f"   ok: helm template ({name}): {len(docs)} objects, {len(urls)} vLLM url(s): {', '.join(kinds)}")
 

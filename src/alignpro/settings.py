@@ -260,6 +260,13 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(600.0, gt=0, description="Total budget of a non-streaming request.")
     rewrite_cache_size: int = Field(4096, ge=0, description="Cached rewrites (0 disables the cache).")
     rewrite_cache_ttl_s: float = Field(3600.0, gt=0)
+    redis_url: str | None = Field(
+        None,
+        description="redis://[:password@]host:port/db shared by every replica: per-key rate limits and the rewrite "
+        "cache (none = this process's memory).",
+    )
+    redis_timeout_s: float = Field(0.25, gt=0, description="A Redis call slower than this uses local state.")
+    redis_retry_s: float = Field(5.0, gt=0, description="How often an unreachable Redis is tried again.")
     # NoDecode: the environment's value reaches parse_api_keys as text, so a plain `sk-1` is a key, not bad JSON.
     api_keys: Annotated[list[ApiKeyConfig], NoDecode] = Field(
         default_factory=list,
@@ -309,6 +316,9 @@ class Settings(BaseSettings):
         if path:
             sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=path))
         return tuple(sources)
+
+    def redis_options(self) -> dict[str, Any]:
+        return {"url": self.redis_url, "timeout_s": self.redis_timeout_s, "retry_s": self.redis_retry_s}
 
     @field_validator("api_keys", mode="before")
     @classmethod

@@ -45,6 +45,10 @@ class Engine(ABC):
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Release what :meth:`start` opened."""
 
+    async def fingerprint(self, model: str) -> str:
+        """What identifies the weights behind ``model`` (an adapter's version), for caches of its outputs."""
+        return model
+
     def http_clients(self) -> list[httpx.AsyncClient]:
         """The HTTP clients the engine calls its upstreams with, once started (for tracing)."""
         return []

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import queue
 import threading
@@ -337,6 +338,15 @@ class LocalEngine(Engine):
 
     def default_model(self) -> str:
         return self._served_name
+
+    async def fingerprint(self, model: str) -> str:
+        """An adapter: the SHA-256 of its weights file (a retrained adapter in the same folder is another one)."""
+        path = self.cfg.adapters.get(model)
+        if path is None:
+            return model
+        weights = Path(resolve_adapter(path)) / "adapter_model.safetensors"
+        digest = await asyncio.to_thread(lambda: hashlib.sha256(weights.read_bytes()).hexdigest())
+        return f"{model}@sha256:{digest[:16]}"
 
     async def start(self) -> None:
         if self.generator is None:

@@ -158,6 +158,20 @@ class OpenAIEngine(Engine):
         if self._client is not None:
             await self._client.aclose()
 
+    async def fingerprint(self, model: str) -> str:
+        """``model@<root>``: vLLM lists each LoRA adapter with the path it was loaded from (``root``), so an adapter
+        reloaded from another path under the same name is another fingerprint. ``model`` when no replica says."""
+        for rep in self.replicas:
+            try:
+                resp = await self.client.get(f"{rep.url}/models", timeout=self.timeout.connect or 5.0)
+                cards = resp.json().get("data", []) if resp.status_code == 200 else []
+            except (httpx.HTTPError, ValueError, AttributeError):
+                continue
+            for card in cards:
+                if isinstance(card, dict) and card.get("id") == model and card.get("root"):
+                    return f"{model}@{card['root']}"
+        return model
+
     def http_clients(self) -> list[httpx.AsyncClient]:
         return [self.client]
 

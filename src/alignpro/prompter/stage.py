@@ -24,7 +24,7 @@ from alignpro.errors import (
     UpstreamStatusError,
     UpstreamUnavailableError,
 )
-from alignpro.prompter.cache import TTLCache
+from alignpro.prompter.cache import RewriteCache
 from alignpro.prompter.instruction import (
     frame_guidance,
     prompter_outputs,
@@ -66,7 +66,7 @@ class PrompterStage:
         self,
         cfg: PrompterConfig,
         engine: Engine | None,
-        cache: TTLCache[str] | None = None,
+        cache: RewriteCache | None = None,
         optimal: SelectRewrite | None = None,
         on_fallback: Callable[[str], None] | None = None,
         validator: Validator | None = None,
@@ -74,16 +74,24 @@ class PrompterStage:
         self.cfg = cfg
         self.engine = engine
         self.cache = cache
+        self.fingerprint = ""  # of the prompter's weights (adapter version), in every cache key; see start()
         self.optimal = optimal
         self.on_fallback = on_fallback
         # Empty, truncated, leaking or off-topic output falls back to the original prompt (counted there).
         self.validator: Validator = validator or default_validator()
 
     async def start(self) -> None:
-        """Load what the first rewrite would otherwise wait for (the validator's embedding model)."""
+        """Load what the first rewrite would otherwise wait for (the validator's embedding model); learn the
+        prompter's fingerprint."""
+        await self.refresh_fingerprint()
         similarity = getattr(self.validator, "similarity", None)
         if similarity is not None and self.cfg.mode != "off":
             await asyncio.to_thread(similarity, "warm", "up")
+
+    async def refresh_fingerprint(self) -> None:
+        """Ask the engine which weights serve the prompter now (after an adapter swap, another version)."""
+        if self.engine is not None and self.cfg.mode != "off":
+            self.fingerprint = await self.engine.fingerprint(self.cfg.model or self.engine.default_model())
 
     def name(self, mode: Mode) -> str | None:
         if mode == "off" or self.engine is None:
@@ -143,15 +151,22 @@ class PrompterStage:
         info.context_turns = len(context)
         # A rho* draw is a fresh sample each time: only the other modes are cached.
         cache = self.cache if mode != "optimal" else None
-        key = (info.prompter or "", mode, contract, hashlib.sha256(rendered.encode()).hexdigest(), text)
+        key = (
+            info.prompter or "",
+            self.fingerprint,
+            mode,
+            contract,
+            hashlib.sha256(rendered.encode()).hexdigest(),
+            text,
+        )
         seed = draw_seed(key) if self.cfg.conversation.deterministic else None
         start = time.perf_counter()
-        cached = cache.get(key) if cache is not None else None
+        cached = await cache.get(key) if cache is not None else None
         out, reason = cached, None
         if out is None:
             out, reason = await self._attempt(text, mode, contract, context, seed)
             if out is not None and cache is not None:
-                cache.put(key, out)
+                await cache.put(key, out)
         info.prompter_ms = round((time.perf_counter() - start) * 1000, 3)
         info.cached = cached is not None
         return self._outcome(info, text, out, reason)

@@ -24,7 +24,7 @@ from alignpro.errors import (
     NotFoundError,
     PermissionDeniedError,
 )
-from alignpro.prompter.cache import TTLCache
+from alignpro.prompter.cache import MemoryRewriteCache, RewriteCache
 from alignpro.prompter.stage import Context, PrompterStage, Rewrite, SelectRewrite
 from alignpro.protocol import (
     AgentInfo,
@@ -48,6 +48,7 @@ from alignpro.server.auth import ANONYMOUS, KeyStore, Principal
 from alignpro.server.errors import error_event
 from alignpro.server.limits import KeyLimiter
 from alignpro.server.metrics import Metrics
+from alignpro.server.shared import RedisBuckets, RedisRewriteCache, SharedRedis
 from alignpro.server.tracing import Tracing, from_settings
 from alignpro.settings import AliasConfig, Settings
 
@@ -96,13 +97,15 @@ class Gateway:
         self.engines = engines or {
             n: build_engine(n, c, Timeouts.of(settings)) for n, c in settings.engines.items()
         }
-        self.cache: TTLCache[str] | None = (
-            TTLCache(settings.rewrite_cache_size, settings.rewrite_cache_ttl_s)
-            if settings.rewrite_cache_size > 0
-            else None
-        )
+        self.shared = SharedRedis(**settings.redis_options()) if settings.redis_url else None
+        size, ttl = settings.rewrite_cache_size, settings.rewrite_cache_ttl_s
+        self.cache: RewriteCache | None = None
+        if size > 0:
+            self.cache = (
+                RedisRewriteCache(self.shared, size, ttl) if self.shared else MemoryRewriteCache(size, ttl)
+            )
         self.keys = KeyStore.from_settings(settings.api_keys, settings.api_keys_file)
-        self.limiter = KeyLimiter.from_settings(settings)
+        self.limiter = KeyLimiter.from_settings(settings, RedisBuckets(self.shared) if self.shared else None)
         self.routes: dict[str, Route] = {}
         for alias, cfg in settings.aliases.items():
             prompter_engine = self.engines.get(cfg.prompter.engine)
@@ -125,6 +128,8 @@ class Gateway:
 
     async def aclose(self) -> None:
         await asyncio.gather(*(e.aclose() for e in self.engines.values()), return_exceptions=True)
+        if self.shared is not None:
+            await self.shared.aclose()
         if self.tracing.provider is not None:
             self.tracing.provider.shutdown()  # flush the spans still batched
 

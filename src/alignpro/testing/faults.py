@@ -69,6 +69,9 @@ class FaultInjector:
         self.streams: Counter[str] = Counter()  # slowstream outcomes: "finished" | "abandoned"
         self.last_bodies: list[dict[str, Any]] = []
         self.last_headers: list[dict[str, str]] = []  # of the requests in last_bodies
+        self.roots: dict[
+            str, str
+        ] = {}  # extra models /v1/models lists, with the path vLLM would say they came from
         app = Starlette(
             routes=[
                 Route("/v1/chat/completions", self._chat, methods=["POST"]),
@@ -100,7 +103,9 @@ class FaultInjector:
         self.thread.join(timeout=10)
 
     async def _models(self, request: Request) -> Response:
-        return JSONResponse({"object": "list", "data": [{"id": "ok", "object": "model"}]})
+        cards = [{"id": "ok", "object": "model"}]
+        cards += [{"id": m, "object": "model", "root": root} for m, root in self.roots.items()]
+        return JSONResponse({"object": "list", "data": cards})
 
     async def _chat(self, request: Request) -> Response:
         body = await request.json()

@@ -43,6 +43,19 @@ app.kubernetes.io/component: {{ .component }}
 {{- printf "%s-vllm-%d" (include "alignpro.fullname" .root | trunc 55 | trimSuffix "-") (int .index) }}
 {{- end }}
 
+{{- define "alignpro.redis.fullname" -}}
+{{- printf "%s-redis" (include "alignpro.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* The Redis every gateway pod shares (rate limits, rewrite cache): the chart's own, an external one, or none. */}}
+{{- define "alignpro.redis.url" -}}
+{{- if .Values.redis.enabled }}
+{{- printf "redis://%s:6379/0" (include "alignpro.redis.fullname" .) }}
+{{- else if .Values.redis.externalUrl }}
+{{- .Values.redis.externalUrl }}
+{{- end }}
+{{- end }}
+
 {{- define "alignpro.secretName" -}}
 {{- if .Values.secrets.create }}
 {{- include "alignpro.fullname" . }}
@@ -79,6 +92,9 @@ app.kubernetes.io/component: {{ .component }}
 {{- $config := deepCopy .Values.gateway.config }}
 {{- $engines := merge (dict "vllm" $engine) (default dict $config.engines) }}
 {{- $_ := set $config "engines" $engines }}
+{{- with include "alignpro.redis.url" . }}
+{{- $_ := set $config "redis_url" . }}
+{{- end }}
 {{- toYaml $config }}
 {{- end }}
 

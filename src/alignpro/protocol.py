@@ -173,7 +173,20 @@ class StreamOptions(_Open):
     include_usage: bool = False
 
 
-class _SamplingRequest(_Open):
+class _Request(_Open):
+    """A request the gateway forwards: the caller's fields (extras included), less the ``alignpro`` extension."""
+
+    alignpro: AlignProOptions | None = None
+
+    def upstream_payload(self, model: str, **replace: Any) -> dict[str, Any]:
+        """The body to send upstream: what the caller set (extras included), minus our extension."""
+        body = self.model_dump(exclude_unset=True, exclude_none=False, exclude={"alignpro"})
+        body.update(replace)
+        body["model"] = model
+        return body
+
+
+class _SamplingRequest(_Request):
     model: str = Field(..., min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
@@ -187,7 +200,6 @@ class _SamplingRequest(_Open):
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     user: str | None = None
-    alignpro: AlignProOptions | None = None
 
     @field_validator("stop")
     @classmethod
@@ -199,13 +211,6 @@ class _SamplingRequest(_Open):
     def output_limit(self) -> int | None:
         """The most tokens the answer may have, whichever of the two fields set it."""
         return self.max_completion_tokens or self.max_tokens
-
-    def upstream_payload(self, model: str, **replace: Any) -> dict[str, Any]:
-        """The body to send upstream: what the caller set (extras included), minus our extension."""
-        body = self.model_dump(exclude_unset=True, exclude_none=False, exclude={"alignpro"})
-        body.update(replace)
-        body["model"] = model
-        return body
 
 
 class ChatCompletionRequest(_SamplingRequest):
@@ -252,6 +257,59 @@ class CompletionRequest(_SamplingRequest):
         if isinstance(p, str):
             return p
         return p[0] if len(p) == 1 and isinstance(p[0], str) else None
+
+
+class ResponsesRequest(_Request):
+    """``POST /v1/responses`` (the Responses API). The prompter rewrites the text of user input items; everything
+    else (instructions, tool items, ``previous_response_id``, ``store``, ``text``...) goes upstream as sent."""
+
+    model: str = Field(..., min_length=1)
+    input: str | list[dict[str, Any]] = Field(..., min_length=1)
+    instructions: str | None = None
+    previous_response_id: str | None = None
+    stream: bool = False
+    max_output_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    text: dict[str, Any] | None = None
+    store: bool | None = None
+
+    def turns(self) -> list[ChatMessage]:
+        """The input as chat turns, index for index, for the conversation contract: message items keep their role
+        and text; a tool call is an assistant turn and its output a tool turn (neither is ever rewritten)."""
+        if isinstance(self.input, str):
+            return [ChatMessage(role="user", content=self.input)]
+        kinds = {"function_call": "assistant", "function_call_output": "tool"}
+        out = []
+        for item in self.input:
+            kind = item.get("type", "message")
+            role = item.get("role") if kind == "message" else kinds.get(str(kind), "assistant")
+            if role not in ("user", "assistant", "system", "developer", "tool"):
+                role = "assistant"
+            parts = item.get("content") if kind == "message" else None
+            text = input_text(parts)
+            out.append(ChatMessage(role=role, content=text))
+        return out
+
+    def agent_signals(self) -> list[str]:
+        signals = [f for f in ("tools", "tool_choice") if getattr(self, f)]
+        if str(((self.text or {}).get("format") or {}).get("type")) in ("json_object", "json_schema"):
+            signals.append("response_format")
+        if isinstance(self.input, list) and self.input[-1].get("type") == "function_call_output":
+            signals.append("tool_result")
+        return signals
+
+
+def input_text(content: Any) -> str:
+    """The text of a Responses input item's ``content``: a string, or its text parts joined."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        return ""
+    kinds = ("input_text", "output_text", "text")
+    return "".join(str(p.get("text", "")) for p in content if isinstance(p, dict) and p.get("type") in kinds)
 
 
 class EmbeddingRequest(_Open):

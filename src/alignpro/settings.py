@@ -79,13 +79,18 @@ class EngineConfig(BaseModel):
         return self
 
 
+DEFAULT_CONTEXT_TURNS = (
+    4  # earlier messages the prompter sees with a user turn (gateway, trainers, evaluator)
+)
+
+
 class ConversationConfig(BaseModel):
     """How the prompter treats a chat with history (README, "Conversations and agents")."""
 
     model_config = ConfigDict(extra="forbid")
 
     context_turns: int = Field(
-        4,
+        DEFAULT_CONTEXT_TURNS,
         ge=0,
         le=32,
         description="Earlier user/assistant messages the prompter sees, as delimited data, with each user turn.",

@@ -250,3 +250,35 @@ def test_embeddings_and_tokenize_pass_through(scripted: ScriptedUpstream, replic
     )
     assert tok.status_code == 200 and tok.json()["count"] == 3
     assert scripted.requests[-1][0] == "/tokenize"
+
+
+def test_responses_rewrites_user_input_and_relays_the_rest(
+    scripted: ScriptedUpstream, replicas: list[str]
+) -> None:
+    call = {
+        "type": "function_call",
+        "call_id": "call_9",
+        "name": "get_weather",
+        "arguments": tool_arguments(1),
+    }
+    items: Any = [
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": QUESTION}]},
+        call,
+        {"type": "function_call_output", "call_id": "call_9", "output": '{"temp_c": 14}'},
+    ]
+    tool: Any = {"type": "function", "name": "get_weather", "parameters": {}}
+    client = openai.OpenAI(base_url=f"{replicas[0]}/v1", api_key="unused", max_retries=0)
+    resp = client.responses.create(
+        model="agent",
+        input=items,
+        previous_response_id="resp_earlier",
+        tools=[tool],
+    )
+    assert resp.output_text == "3 input items"
+    info = resp.model_extra["alignpro"]  # type: ignore[index]
+    assert info["agent"]["signals"] == ["tools", "tool_result"] and info["original_prompt"] == QUESTION
+    sent = json.loads(scripted.requests[-1][1])
+    assert sent["previous_response_id"] == "resp_earlier" and sent["model"] == "frozen"
+    assert sent["input"][0]["content"] == [{"type": "input_text", "text": info["rewritten_prompt"]}]
+    assert info["rewritten_prompt"] != QUESTION
+    assert [_dumped(i) for i in sent["input"][1:]] == [_dumped(i) for i in items[1:]]

@@ -428,3 +428,40 @@ def test_lora_prompter_served_by_vllm(client: openai.OpenAI, direct: openai.Open
         assert info["fallback"] == expected.reason  # e.g. truncated: 8 tokens rarely finish a rewrite
     else:
         assert info["rewritten_prompt"] == expected.text
+
+
+# ---------------------------------------------------------------------------------------------- /v1/responses
+def test_responses_api_through_the_gateway(client: openai.OpenAI) -> None:
+    """The prompter rewrites the user input, vLLM answers, and a follow-up continues vLLM's stored response."""
+    question = "Name three colours of the rainbow."
+    first = client.responses.create(
+        model="smollm2-aligned", input=question, max_output_tokens=16, temperature=0
+    )
+    info = first.model_extra["alignpro"]  # type: ignore[index]
+    assert info["mode"] == "reference" and info["original_prompt"] == question and "fallback" not in info
+    assert first.output_text.strip() and first.id.startswith("resp")
+    follow = client.responses.create(
+        model="smollm2",
+        input="Name two more.",
+        previous_response_id=first.id,
+        max_output_tokens=8,
+        temperature=0,
+    )
+    assert follow.previous_response_id == first.id and follow.output_text.strip()
+    # vLLM prepended the stored turn: the follow-up's prompt is longer than its own words.
+    assert follow.usage is not None and first.usage is not None
+    assert follow.usage.input_tokens > first.usage.input_tokens
+
+
+def test_responses_stream_through_the_gateway(client: openai.OpenAI) -> None:
+    events = list(
+        client.responses.create(
+            model="smollm2-aligned", input="Say hello.", max_output_tokens=12, temperature=0, stream=True
+        )
+    )
+    assert events[0].type == "response.created"
+    assert events[0].model_extra["alignpro"]["original_prompt"] == "Say hello."  # type: ignore[index]
+    last = events[-1]
+    assert last.type in ("response.completed", "response.incomplete")
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert text and text == last.response.output_text

@@ -4,7 +4,9 @@ The frozen model and the prompter both run on engines, so the gateway, the train
 an in-process model (:mod:`alignpro.engines.local`) and to vLLM or any OpenAI-compatible server
 (:mod:`alignpro.engines.openai`) the same way. Bodies are OpenAI request dicts (validated by the gateway, extra
 fields kept); non-streaming calls return OpenAI response dicts, streaming calls yield complete SSE events
-(``b"data: {...}\\n\\n"``) ending with ``b"data: [DONE]\\n\\n"``.
+(``b"data: {...}\\n\\n"``) ending with ``b"data: [DONE]\\n\\n"``. Responses API streams (``/v1/responses``)
+are named events (``b"event: response.output_text.delta\\ndata: {...}\\n\\n"``) that end with
+``response.completed`` (or ``.failed``, ``.incomplete``, ``error``) and no ``[DONE]``.
 """
 
 from __future__ import annotations
@@ -27,8 +29,32 @@ DONE_EVENT = b"data: [DONE]\n\n"
 REQUEST_ID: ContextVar[str | None] = ContextVar("alignpro_request_id", default=None)
 
 
-def sse_event(obj: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
+# The last event of a Responses API stream.
+RESPONSE_END_EVENTS = (
+    b"event: response.completed\n",
+    b"event: response.failed\n",
+    b"event: response.incomplete\n",
+    b"event: error\n",
+)
+
+
+def sse_event(obj: dict[str, Any], name: str | None = None) -> bytes:
+    """One SSE event carrying ``obj``; ``name`` adds an ``event:`` line (the Responses API names its events)."""
+    head = f"event: {name}\n".encode() if name else b""
+    return head + b"data: " + json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
+
+
+def stream_ends(event: bytes, responses: bool) -> bool:
+    """Whether ``event`` is the last one of a chat/completions stream, or of a Responses stream."""
+    return event.startswith(RESPONSE_END_EVENTS) if responses else event.startswith(b"data: [DONE]")
+
+
+def stream_error(error: dict[str, Any], responses: bool) -> list[bytes]:
+    """The events that end a stream that broke off with ``error`` (the OpenAI error object): an error event, then
+    ``[DONE]`` for chat and completions; a Responses API ``error`` event (which is its last) for responses."""
+    if responses:
+        return [sse_event({"type": "error", **error}, "error")]
+    return [sse_event({"error": error}), DONE_EVENT]
 
 
 class Engine(ABC):
@@ -72,6 +98,14 @@ class Engine(ABC):
     @abstractmethod
     def default_model(self) -> str:
         """The model id a request without an adapter name should carry."""
+
+    async def responses(self, body: dict[str, Any]) -> dict[str, Any]:
+        """``POST /v1/responses``: a Responses API ``response`` object."""
+        raise self._unsupported("/v1/responses")
+
+    def responses_stream(self, body: dict[str, Any]) -> AsyncIterator[bytes]:
+        """``POST /v1/responses`` with ``stream``: its named events (see the module docstring)."""
+        raise self._unsupported("/v1/responses")
 
     async def embeddings(self, body: dict[str, Any]) -> dict[str, Any]:
         """``POST /v1/embeddings`` (vLLM serves it for embedding models)."""

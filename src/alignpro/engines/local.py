@@ -29,6 +29,7 @@ from typing import Any
 
 from alignpro import embedded
 from alignpro.engines.base import DONE_EVENT, Engine, sse_event
+from alignpro.engines.responses import ChatResponses
 from alignpro.errors import ConfigError, ContextLengthError, InvalidRequestError, UpstreamUnavailableError
 from alignpro.protocol import new_id
 from alignpro.settings import TRAINED, EngineConfig
@@ -333,6 +334,7 @@ class LocalEngine(Engine):
         self._served_name = (
             embedded.DEFAULT_MODEL.served_name if cfg.model == embedded.EMBEDDED else cfg.model
         )
+        self._responses = ChatResponses(self.chat, self.chat_stream)
         self.batches = 0  # decoded batches and rows, to see batching at work (/ready, tests, benchmarks)
         self.rows = 0
 
@@ -504,6 +506,12 @@ class LocalEngine(Engine):
             return [self.generator.chat_ids(messages)]
         except Exception as exc:  # e.g. a template that rejects the role order
             raise InvalidRequestError(f"cannot apply the chat template: {exc}", param="messages") from exc
+
+    async def responses(self, body: dict[str, Any]) -> dict[str, Any]:
+        return await self._responses.create(body)
+
+    def responses_stream(self, body: dict[str, Any]) -> AsyncIterator[bytes]:
+        return self._responses.stream(body)
 
     async def tokenize(self, body: dict[str, Any]) -> dict[str, Any]:
         """vLLM's ``/tokenize`` answer: the ids of ``prompt``, or of ``messages`` under the chat template."""

@@ -34,7 +34,7 @@ from typing import Any
 
 import httpx
 
-from alignpro.engines.base import DONE_EVENT, REQUEST_ID, Engine, sse_event
+from alignpro.engines.base import REQUEST_ID, Engine, stream_ends, stream_error
 from alignpro.engines.transport import FastTransport
 from alignpro.errors import (
     AlignProError,
@@ -292,6 +292,12 @@ class OpenAIEngine(Engine):
     async def completion(self, body: dict[str, Any]) -> dict[str, Any]:
         return await self._bounded("/completions", body)
 
+    async def responses(self, body: dict[str, Any]) -> dict[str, Any]:
+        return await self._bounded("/responses", body)
+
+    def responses_stream(self, body: dict[str, Any]) -> AsyncIterator[bytes]:
+        return self._stream("/responses", body)
+
     async def embeddings(self, body: dict[str, Any]) -> dict[str, Any]:
         return await self._bounded("/embeddings", body)
 
@@ -356,6 +362,7 @@ class OpenAIEngine(Engine):
 
     async def _stream(self, path: str, body: dict[str, Any]) -> AsyncIterator[bytes]:
         rep, resp = await self.open_stream(path, body)  # counted in rep.outstanding until the finally below
+        responses = path == "/responses"
         buf = b""
         saw_done = False
         try:
@@ -372,25 +379,29 @@ class OpenAIEngine(Engine):
                         if end < 0:
                             break
                         event, buf = buf[: end + 2], buf[end + 2 :]
-                        if event.startswith(b"data: [DONE]"):
+                        if stream_ends(event, responses):
                             saw_done = True
                         yield event
             except httpx.TimeoutException:
                 self._failed(rep, "stream timeout")
-                yield _stream_error("the upstream stopped sending (read timeout)", "upstream_timeout")
+                for e in _stream_error(
+                    "the upstream stopped sending (read timeout)", "upstream_timeout", responses
+                ):
+                    yield e
             except httpx.HTTPError as exc:
                 self._failed(rep, type(exc).__name__)
-                yield _stream_error(
-                    f"the upstream stream broke off ({type(exc).__name__})", "stream_interrupted"
-                )
+                why = f"the upstream stream broke off ({type(exc).__name__})"
+                for e in _stream_error(why, "stream_interrupted", responses):
+                    yield e
             else:
                 if saw_done:
                     self._ok(rep)
                 else:
-                    self._failed(rep, "stream ended without [DONE]")
-                    yield _stream_error("the upstream stream ended early", "stream_interrupted")
-            if not saw_done:
-                yield DONE_EVENT
+                    self._failed(rep, "stream ended without its last event")
+                    for e in _stream_error(
+                        "the upstream stream ended early", "stream_interrupted", responses
+                    ):
+                        yield e
         finally:
             rep.outstanding -= 1
             await resp.aclose()
@@ -403,5 +414,7 @@ async def _send_request_id(request: httpx.Request) -> None:
         request.headers["x-request-id"] = rid
 
 
-def _stream_error(message: str, code: str) -> bytes:
-    return sse_event({"error": {"message": message, "type": "upstream_error", "param": None, "code": code}})
+def _stream_error(message: str, code: str, responses: bool) -> list[bytes]:
+    return stream_error(
+        {"message": message, "type": "upstream_error", "param": None, "code": code}, responses
+    )

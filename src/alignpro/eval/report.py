@@ -6,7 +6,8 @@
     ``{"schema", "columns", "config", "summary"}``: every number of the summary unrounded, and the full run
     configuration as given (anything JSON cannot hold is written as its ``str``; NaN as ``null``).
 ``report.md``
-    One table over all prompts, then one per prompt kind, then the configuration.
+    One table over all prompts, then one per prompt kind (and, when some prompts are conversations, one for the
+    single-turn and one for the multi-turn prompts), then the configuration.
 ``reward_mean.png``, ``reward_variance.png``
     Bar charts in the manner of the Align-Pro paper's figure: one bar per method (grouped by prompt kind when
     there are several kinds), the mean reward or the reward variance, with the bootstrap interval as error bar.
@@ -233,9 +234,11 @@ def render_markdown(summary: Mapping[str, Any], config: Mapping[str, Any]) -> st
         column_names(MAIN_COLUMNS, baseline, confidence), [_main_row(m, results[m]) for m in methods]
     )
     lines.append("")
-    for kind in summary["kinds"]:
-        rows = [_kind_row(m, results[m][kind]) for m in methods if kind in results[m]]
-        lines += [f"## Kind `{kind}`", ""]
+    groups = [(f"Kind `{k}`", k) for k in summary["kinds"]]
+    groups += [(f"{t.capitalize()} prompts", t) for t in summary.get("turns") or ()]
+    for title, group in groups:
+        rows = [_kind_row(m, results[m][group]) for m in methods if group in results[m]]
+        lines += [f"## {title}", ""]
         lines += _table(column_names(KIND_COLUMNS, baseline, confidence), rows)
         lines.append("")
     lines += [

@@ -260,6 +260,8 @@ class EvalRunner:
             lam=c.lam,
             fail_policy="open",
             timeout_s=3600.0,  # a slow shared CPU is not a prompter failure
+            # a conversation row's own system message is part of the data under test, not an unscreened caller
+            allow_client_system=True,
         )
         return AliasConfig(engine=m.engine, prompter=pcfg)
 
@@ -350,8 +352,11 @@ class EvalRunner:
     async def _messages(self, m: Method, ex: Example) -> tuple[list[dict[str, str]], str | None]:
         """The messages ``m`` sends for ``ex`` (a control builds its own) and, for the template control, the
         request classifier's verdict."""
+        # A conversation's earlier turns go first, as the client would send them; the gateway applies its
+        # conversation contract (README, "Conversations and agents") to them and to the request.
+        history = [{"role": role, "content": text} for role, text in ex.history]
         if m.control is None:
-            return [{"role": "user", "content": ex.prompt}], None
+            return [*history, {"role": "user", "content": ex.prompt}], None
         verdicts: list[str] = []
 
         def kind_of(text: str) -> str:
@@ -359,7 +364,8 @@ class EvalRunner:
             return verdicts[-1]
 
         messages = await asyncio.to_thread(control_messages, m.control, ex.prompt, kind_of)
-        return messages, (verdicts[0] if verdicts else None)
+        # the control's own system message stays first; the history sits before the request
+        return [*messages[:-1], *history, messages[-1]], (verdicts[0] if verdicts else None)
 
     def _request(
         self, m: Method, ex: Example, n: int, messages: list[dict[str, str]]
@@ -419,6 +425,7 @@ class EvalRunner:
                 method=m.name,
                 prompt_id=ex.id,
                 kind=ex.kind,
+                multi_turn=ex.multi_turn,
                 sample=j,
                 reward=scored.rewards[j],
                 safe=scored.safe[j],
@@ -475,6 +482,7 @@ class EvalRunner:
             "method": m.name,
             "prompt_id": ex.id,
             "kind": ex.kind,
+            "multi_turn": ex.multi_turn,
             "fingerprint": self.fingerprints[m.name],
             "prompt": ex.prompt,
             "served": served.prompt,

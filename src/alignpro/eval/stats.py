@@ -53,6 +53,9 @@ Statistic = Callable[[FloatArray], FloatArray]
 ALL = "all"
 """The pseudo-kind that pools every prompt kind in :func:`summarize`'s output (so no real kind may be named so)."""
 
+SINGLE_TURN, MULTI_TURN = "single-turn", "multi-turn"
+"""The groups of single prompts and of conversations (a request after earlier turns), reported apart."""
+
 DEFAULT_RESAMPLES = 2000
 DEFAULT_CONFIDENCE = 0.95
 SUMMARY_SCHEMA = "alignpro.eval.summary/2"
@@ -98,6 +101,11 @@ class EvalRecord:
     # Any sequence is accepted (a runner has lists); stored as tuples so a record stays immutable.
     logp_theta: Sequence[float] | None = None
     logp_ref: Sequence[float] | None = None
+    multi_turn: bool = False  # the request came after earlier turns of a conversation
+
+    @property
+    def turns(self) -> str:
+        return MULTI_TURN if self.multi_turn else SINGLE_TURN
 
     def __post_init__(self) -> None:
         # Checked here, once, so that a runner bug (a NaN reward, a verdict of 2) fails at the record that
@@ -105,8 +113,8 @@ class EvalRecord:
         for name in ("method", "prompt_id", "kind"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ValueError(f"EvalRecord.{name} must be a non-empty string")
-        if self.kind == ALL:
-            raise ValueError(f"EvalRecord.kind may not be {ALL!r}: it names the pooled group in summaries")
+        if self.kind in (ALL, SINGLE_TURN, MULTI_TURN):
+            raise ValueError(f"EvalRecord.kind may not be {self.kind!r}: it names a group in summaries")
         if isinstance(self.sample, bool) or not isinstance(self.sample, int | np.integer) or self.sample < 0:
             raise ValueError("EvalRecord.sample must be a non-negative integer")
         object.__setattr__(self, "sample", int(self.sample))
@@ -754,17 +762,18 @@ def _summarize_method(
     method: str,
     mine: Sequence[EvalRecord],
     base_all: Sequence[EvalRecord] | None,
-    kinds: Sequence[str],
+    groups: Sequence[str],
     opts: Mapping[str, Any],
     warn: Callable[[str], None],
 ) -> dict[str, Any]:
-    """One method's groups: ``"all"``, then each kind it has records of (``base_all``: None for the baseline)."""
+    """One method's groups: ``"all"``, then each kind, or turns group, it has records of (``base_all``: None for
+    the baseline)."""
     per: dict[str, Any] = {ALL: _summarize_group(mine, base_all, **opts)}
-    for kind in kinds:
-        sub = [r for r in mine if r.kind == kind]
+    for kind in groups:
+        sub = [r for r in mine if kind in (r.kind, r.turns)]
         if not sub:
             continue
-        base_sub = None if base_all is None else [r for r in base_all if r.kind == kind]
+        base_sub = None if base_all is None else [r for r in base_all if kind in (r.kind, r.turns)]
         per[kind] = _summarize_group(sub, base_sub, **opts)
         if base_sub is not None and per[kind]["win_rate"] is None:
             warn(f"{method}/{kind}: no prompt in common with the baseline")
@@ -787,7 +796,7 @@ def summarize(
 
     Layout::
 
-        {"schema": SUMMARY_SCHEMA, "baseline": "none", "methods": [...], "kinds": [...],
+        {"schema": SUMMARY_SCHEMA, "baseline": "none", "methods": [...], "kinds": [...], "turns": [...],
          "settings": {view, ddof, tie_tol, n_resamples, confidence, seed, kl_estimator},
          "warnings": [...],
          "results": {method: {"all" | kind: {
@@ -802,7 +811,8 @@ def summarize(
              "kl": {"estimator", "value", "ci", "n_prompts", "n_samples", "k1", "k3"} | None}}}}
 
     ``methods`` lists the baseline first, then the others in order of appearance; ``kinds`` in order of
-    appearance. Win rates are against ``baseline`` on the prompts of the same group that both answered, and are
+    appearance. ``turns`` is ``["single-turn", "multi-turn"]`` when some prompts are conversations (else empty):
+    those groups are in ``results`` beside the kinds. Win rates are against ``baseline`` on the prompts of the same group that both answered, and are
     None for the baseline itself. All intervals use the same ``seed``, so the summary is reproducible.
     """
     _check_summary_args(view, kl_estimator, ddof, n_resamples, confidence)
@@ -831,10 +841,18 @@ def _summary(
         warnings.append(f"baseline {baseline!r} has no records: no win rates")
     methods = ([baseline] if baseline in by_method else []) + [m for m in by_method if m != baseline]
     kinds = list(dict.fromkeys(r.kind for r in recs))
+    # single- and multi-turn rows apart, once there are conversations among the prompts
+    turns = [t for t in (SINGLE_TURN, MULTI_TURN) if any(r.turns == t for r in recs)]
+    turns = turns if MULTI_TURN in turns else []
     base_all = by_method.get(baseline)
     results = {
         method: _summarize_method(
-            method, by_method[method], None if method == baseline else base_all, kinds, opts, warnings.append
+            method,
+            by_method[method],
+            None if method == baseline else base_all,
+            kinds + turns,
+            opts,
+            warnings.append,
         )
         for method in methods
     }
@@ -843,6 +861,7 @@ def _summary(
         "baseline": baseline,
         "methods": methods,
         "kinds": kinds,
+        "turns": turns,
         "settings": dict(opts),
         "warnings": warnings,
         "results": results,

@@ -143,6 +143,14 @@ def _wrap(text: str) -> str:
     return f"<request>\n{escape_request(text)}\n</request>"
 
 
+def conversation_context(turns: Sequence[tuple[str, str]], n: int) -> list[tuple[str, str]]:
+    """What the prompter sees of the turns ``(role, text)`` before a user turn: the last ``n`` user and assistant
+    messages with text. System prompts, tool calls and tool results are the application's, not the
+    conversation's: left out. One rule for the gateway, the trainers and the evaluator."""
+    kept = [(role, text) for role, text in turns if role in ("user", "assistant") and text.strip()]
+    return kept[-n:] if n > 0 else []
+
+
 def render_context(context: Sequence[tuple[str, str]]) -> str:
     """Earlier turns ``(role, text)`` as one escaped data block (empty when there are none)."""
     if not context:

@@ -66,14 +66,20 @@ class FrozenSampling:
     seed: int | None = 0  # the k-th answer uses seed + k (engines that honour seeds are then reproducible)
 
 
-def served_messages(original: str, output: str | None, contract: Contract) -> list[dict[str, str]]:
-    """The chat the frozen model sees for the request ``original`` and the prompter output ``output``
-    (None: the prompter's output was unusable, so the original is served)."""
+History = Sequence[tuple[str, str]]  # a conversation's turns before the request, (role, text)
+
+
+def served_messages(
+    original: str, output: str | None, contract: Contract, history: History = ()
+) -> list[dict[str, str]]:
+    """The chat the frozen model sees for the request ``original`` (after the turns ``history``) and the prompter
+    output ``output`` (None: the prompter's output was unusable, so the original is served)."""
+    before = [{"role": role, "content": text} for role, text in history]
     if output is None:
-        return [{"role": "user", "content": original}]
+        return [*before, {"role": "user", "content": original}]
     if contract == "augment":
-        return [{"role": "system", "content": output}, {"role": "user", "content": original}]
-    return [{"role": "user", "content": output}]
+        return [{"role": "system", "content": output}, *before, {"role": "user", "content": original}]
+    return [*before, {"role": "user", "content": output}]
 
 
 class REstimator:
@@ -107,26 +113,31 @@ class REstimator:
                         row = json.loads(line)
                         self.cache[row["key"]] = row["answers"]
 
-    def _key(self, original: str, output: str | None, contract: Contract) -> str:
-        served = served_messages(original, output, contract)
+    def _key(self, original: str, output: str | None, contract: Contract, history: History = ()) -> str:
+        served = served_messages(original, output, contract, history)
         blob = json.dumps([served, self.model, asdict(self.sampling)], sort_keys=True, ensure_ascii=False)
         return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
     async def answers(
-        self, pairs: Sequence[tuple[str, str | None]], contract: Contract | None = None
+        self,
+        pairs: Sequence[tuple[str, str | None]],
+        contract: Contract | None = None,
+        histories: Sequence[History] | None = None,
     ) -> list[list[str]]:
-        """The frozen model's ``m`` answers to each served (original, output) pair (cached)."""
+        """The frozen model's ``m`` answers to each served (original, output) pair, after its history (cached)."""
         contract = contract or self.contract
-        keys = [self._key(x, out, contract) for x, out in pairs]
-        todo = {k: p for k, p in zip(keys, pairs, strict=True) if k not in self.cache}
+        hs: Sequence[History] = histories if histories is not None else [()] * len(pairs)
+        served = [served_messages(x, out, contract, h) for (x, out), h in zip(pairs, hs, strict=True)]
+        keys = [self._key(x, out, contract, h) for (x, out), h in zip(pairs, hs, strict=True)]
+        todo = {k: m for k, m in zip(keys, served, strict=True) if k not in self.cache}
         self.hits += len(keys) - len(todo)
         sem = asyncio.Semaphore(self.concurrency)
         s = self.sampling
 
-        async def one(key: str, pair: tuple[str, str | None]) -> None:
+        async def one(key: str, messages: list[dict[str, str]]) -> None:
             body: dict[str, Any] = {
                 "model": self.model,
-                "messages": served_messages(pair[0], pair[1], contract),
+                "messages": messages,
                 "max_tokens": s.max_tokens,
                 "temperature": s.temperature,
                 "top_p": s.top_p,
@@ -156,8 +167,10 @@ class REstimator:
         kinds: Sequence[str],
         contract: Contract | None = None,
         columns: Mapping[str, Sequence[Any]] | None = None,
+        histories: Sequence[History] | None = None,
     ) -> list[float]:
-        """R for each (x, x', kind); an output of None means the original prompt is served.
+        """R for each (x, x', kind); an output of None means the original prompt is served; ``histories``: the
+        turns before each request (conversations), which the frozen model gets first.
 
         The reward gets, per answer, the columns of its request: ``kind``, ``rewrites`` (the prompter output
         served with it, or the original: a reward may score the rewrite too) and any other ``columns`` (one
@@ -167,7 +180,7 @@ class REstimator:
             raise ValueError("originals, outputs and kinds must have the same length")
         if not originals:
             return []
-        answers = await self.answers(list(zip(originals, outputs, strict=True)), contract)
+        answers = await self.answers(list(zip(originals, outputs, strict=True)), contract, histories)
         per_request = {
             **{k: list(v) for k, v in (columns or {}).items()},
             "kind": list(kinds),
@@ -191,6 +204,7 @@ class REstimator:
         outputs: Sequence[str | None],
         kinds: Sequence[str],
         columns: Mapping[str, Sequence[Any]] | None = None,
+        histories: Sequence[History] | None = None,
     ) -> list[float]:
         """Synchronous :meth:`aestimate` on ``runner``'s loop (where the engine was started)."""
-        return runner.run(self.aestimate(originals, outputs, kinds, columns=columns))
+        return runner.run(self.aestimate(originals, outputs, kinds, columns=columns, histories=histories))

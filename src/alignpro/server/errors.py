@@ -43,12 +43,6 @@ def error_response(exc: BaseException) -> Response:
     return JSONResponse(body, status_code=500)
 
 
-def error_event(exc: BaseException) -> bytes:
-    """An error raised after a stream started: an SSE event in the OpenAI error shape."""
-    resp = error_response(exc)
-    return b"data: " + bytes(resp.body) + b"\n\n"
-
-
 def install(app: FastAPI) -> None:
     async def handler(request: Request, exc: Exception) -> Response:
         return error_response(exc)

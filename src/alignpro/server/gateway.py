@@ -13,9 +13,9 @@ import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
-from alignpro.engines.base import DONE_EVENT, Engine
+from alignpro.engines.base import DONE_EVENT, Engine, stream_error
 from alignpro.engines.factory import Timeouts, build_engine
 from alignpro.errors import (
     AlignProError,
@@ -25,6 +25,7 @@ from alignpro.errors import (
     PermissionDeniedError,
 )
 from alignpro.prompter.cache import MemoryRewriteCache, RewriteCache
+from alignpro.prompter.instruction import conversation_context
 from alignpro.prompter.stage import Context, PrompterStage, Rewrite, SelectRewrite
 from alignpro.protocol import (
     AgentInfo,
@@ -38,6 +39,7 @@ from alignpro.protocol import (
     Mode,
     ModelCard,
     ModelList,
+    ResponsesRequest,
     RewriteRequest,
     RewriteResponse,
     TokenizeRequest,
@@ -45,7 +47,6 @@ from alignpro.protocol import (
 )
 from alignpro.server.audit import Call, outcome
 from alignpro.server.auth import ANONYMOUS, KeyStore, Principal
-from alignpro.server.errors import error_event
 from alignpro.server.limits import KeyLimiter
 from alignpro.server.metrics import Metrics
 from alignpro.server.shared import RedisBuckets, RedisRewriteCache, SharedRedis
@@ -55,6 +56,7 @@ from alignpro.settings import AliasConfig, Settings
 if TYPE_CHECKING:
     from alignpro.scoring.rewards import RewardFn
 
+Api = Literal["chat", "completion", "responses"]
 # What mode `optimal` estimates R with unless the caller names a reward (alignpro.prompter.optimal loads it).
 DEFAULT_REWARD = "safe-and-helpful"
 
@@ -265,30 +267,29 @@ class Gateway:
             self.metrics.cache_misses.inc()
         return rw
 
-    async def _prompt_messages(
+    async def _rewrite_turns(
         self,
         route: Route,
         chat: list[ChatMessage],
         mode: Mode,
         contract: Contract,
         signals: list[str] | None = None,
-    ) -> tuple[list[dict[str, Any]], Rewrite]:
-        """The messages of ``chat`` with the conversation contract applied (README, "Conversations and agents").
+    ) -> tuple[dict[int, Rewrite], Rewrite]:
+        """The conversation contract (README, "Conversations and agents") on the turns ``chat``: the rewrites to
+        put in place, by message index, and the newest user turn's (what the ``alignpro`` object reports).
 
-        Only user messages' text is rewritten; every other message goes upstream exactly as received. Each user
-        turn's rewrite depends only on the turns before it, so the turns of earlier requests get the rewrite they
-        got then (cache, or the same seeded draw). ``signals`` (an agent's request) with ``agents: off``: no
-        prompter at all."""
+        Only user messages' text is rewritten. Each user turn's rewrite depends only on the turns before it, so
+        the turns of earlier requests get the rewrite they got then (cache, or the same seeded draw).
+        ``signals`` (an agent's request) with ``agents: off``: no prompter at all."""
         conv = route.cfg.prompter.conversation
-        messages = [m.wire() for m in chat]
         users = [i for i, m in enumerate(chat) if m.role == "user"]
         if signals and conv.agents == "off":
             mode = "off"
         newest = users[-1] if users else None
+        applied: dict[int, Rewrite] = {}
         if newest is None or mode == "off":
-            rw = await self._apply_prompter(
-                route, chat[newest].text() if newest is not None else None, "off", contract
-            )
+            text = chat[newest].text() if newest is not None else None
+            rw = await self._apply_prompter(route, text, "off", contract)
         else:
             # Augment adds one guidance for the newest turn; rho* draws are not reproducible: one turn each.
             every = contract == "rewrite" and mode != "optimal" and conv.earlier_turns == "rewritten"
@@ -302,9 +303,7 @@ class Gateway:
                     for i in targets
                 )
             )
-            for i, out in zip(targets, outs, strict=True):
-                if out.info.rewritten:
-                    _apply(messages, i, out)
+            applied = {i: out for i, out in zip(targets, outs, strict=True) if out.info.rewritten}
             rw = outs[-1]
             rw.info.prompter_ms = round((time.perf_counter() - start) * 1000, 3)
             if len(targets) > 1:
@@ -312,6 +311,22 @@ class Gateway:
         rw.info.turn = newest
         if signals:
             rw.info.agent = AgentInfo(signals=signals, prompter="off" if mode == "off" else "user_turns")
+        return applied, rw
+
+    async def _prompt_messages(
+        self,
+        route: Route,
+        chat: list[ChatMessage],
+        mode: Mode,
+        contract: Contract,
+        signals: list[str] | None = None,
+    ) -> tuple[list[dict[str, Any]], Rewrite]:
+        """The messages of ``chat`` with the conversation contract applied; every message it does not rewrite
+        goes upstream exactly as received."""
+        applied, rw = await self._rewrite_turns(route, chat, mode, contract, signals)
+        messages = [m.wire() for m in chat]
+        for i, out in applied.items():
+            _apply(messages, i, out)
         return messages, rw
 
     # ------------------------------------------------------------------------------------ requests
@@ -327,7 +342,7 @@ class Gateway:
         messages, rw = await self._prompt_messages(route, req.messages, mode, contract, req.agent_signals())
         call.prompted(route.alias, rw.info, rw.sent_text())
         body = req.upstream_payload(route.upstream_model, messages=messages)
-        return await self._forward(route, who, call, rw.info, body, req.stream, chat=True)
+        return await self._forward(route, who, call, rw.info, body, req.stream, kind="chat")
 
     async def completion(
         self, req: CompletionRequest, who: Principal = ANONYMOUS, call: Call | None = None
@@ -366,7 +381,27 @@ class Gateway:
         call.prompted(route.alias, rw.info, replace.get("prompt", text))
         body = req.upstream_payload(route.upstream_model, **replace)
         body.pop("max_completion_tokens", None)
-        return await self._forward(route, who, call, rw.info, body, req.stream, chat=False)
+        return await self._forward(route, who, call, rw.info, body, req.stream, kind="completion")
+
+    async def responses(
+        self, req: ResponsesRequest, who: Principal = ANONYMOUS, call: Call | None = None
+    ) -> Reply:
+        """``/v1/responses``: the conversation contract on the input's user items, then the engine's answer.
+        The turns the upstream stores under ``previous_response_id`` are not seen here: the prompter's context is
+        this request's input."""
+        call = call or Call("in-process")
+        route = self.route(req.model, who)
+        self._check_caps(1, req.max_output_tokens)
+        mode, contract = self._mode(route, req.alignpro, who)
+        turns = req.turns()
+        self._check_messages(turns)
+        # `instructions` is the caller's system prompt, screened like a system message
+        system = [ChatMessage(role="system", content=req.instructions)] if req.instructions else []
+        self._screen_chat(route, mode, system + turns)
+        applied, rw = await self._rewrite_turns(route, turns, mode, contract, req.agent_signals())
+        call.prompted(route.alias, rw.info, rw.sent_text())
+        body = req.upstream_payload(route.upstream_model, **_responses_input(req, applied))
+        return await self._forward(route, who, call, rw.info, body, req.stream, kind="responses")
 
     async def _forward(
         self,
@@ -376,21 +411,29 @@ class Gateway:
         info: AlignProInfo,
         body: dict[str, Any],
         stream: bool,
-        chat: bool,
+        kind: Api,
     ) -> Reply:
         headers = self._headers(info)
         engine = route.engine
         start = time.perf_counter()
         if not stream:
+            answer = {"chat": engine.chat, "completion": engine.completion, "responses": engine.responses}[
+                kind
+            ]
             try:
                 with self.tracing.span("alignpro.frozen", alias=route.alias, stream=False):
-                    resp = await (engine.chat(body) if chat else engine.completion(body))
+                    resp = await answer(body)
             finally:
                 self._frozen_done(route, call, start)
             await self._count_usage(route.alias, who, resp.get("usage"))
             resp["alignpro"] = self._visible(info, who)
             return Reply(info, headers, body=resp)
-        gen = engine.chat_stream(body) if chat else engine.completion_stream(body)
+        streams = {
+            "chat": engine.chat_stream,
+            "completion": engine.completion_stream,
+            "responses": engine.responses_stream,
+        }
+        gen = streams[kind](body)
         try:
             # The span covers the stream's opening, to its first event; the rest is relayed after the route returned.
             with self.tracing.span("alignpro.frozen", alias=route.alias, stream=True):
@@ -403,7 +446,8 @@ class Gateway:
             raise
         call.ttft_ms = call.since_start_ms()
         self.metrics.ttft_seconds.labels(route.alias).observe(call.ttft_ms / 1000)
-        return Reply(info, headers, stream=self._relay(route, who, call, info, first, gen, start))
+        relay = self._relay(route, who, call, info, first, gen, start, responses=kind == "responses")
+        return Reply(info, headers, stream=relay)
 
     def _frozen_done(self, route: Route, call: Call, start: float) -> None:
         took = time.perf_counter() - start
@@ -419,26 +463,29 @@ class Gateway:
         first: bytes,
         rest: AsyncIterator[bytes],
         start: float,
+        responses: bool = False,
     ) -> AsyncIterator[bytes]:
+        """The stream to the client: the first event with ``alignpro`` added, the others as they come."""
         try:
             yield _inject(first, self._visible(info, who))
             async for event in rest:
                 if b'"usage":{' in event:
-                    await self._count_usage(route.alias, who, _event_json(event).get("usage"))
+                    await self._count_usage(route.alias, who, _usage(_event_json(event)))
                 yield event
         except AlignProError as exc:
             self.metrics.errors.labels(exc.type).inc()
-            yield error_event(exc)
-            yield DONE_EVENT
+            for end in stream_error(exc.to_dict()["error"], responses):
+                yield end
         finally:
             await rest.aclose()  # type: ignore[attr-defined]
             self._frozen_done(route, call, start)
 
     async def _count_usage(self, alias: str, who: Principal, usage: Any) -> None:
         if isinstance(usage, dict):
+            # chat and completions count prompt/completion tokens; the Responses API input/output tokens
             prompt, completion = (
-                int(usage.get("prompt_tokens") or 0),
-                int(usage.get("completion_tokens") or 0),
+                int(usage.get("prompt_tokens") or usage.get("input_tokens") or 0),
+                int(usage.get("completion_tokens") or usage.get("output_tokens") or 0),
             )
             self.metrics.tokens.labels(alias, "prompt").inc(prompt)
             self.metrics.tokens.labels(alias, "completion").inc(completion)
@@ -506,14 +553,8 @@ def _own_or(own: bool | None, default: bool) -> bool:
 
 
 def _context(chat: list[ChatMessage], idx: int, n: int) -> list[tuple[str, str]]:
-    """What the prompter sees before the user turn ``idx``: the last ``n`` user and assistant messages with text.
-    System prompts, tool calls and tool results are the application's, not the conversation's: left out."""
-    if n == 0:
-        return []
-    turns = [
-        (str(m.role), m.text()) for m in chat[:idx] if m.role in ("user", "assistant") and m.text().strip()
-    ]
-    return turns[-n:]
+    """The prompter's view of the turns before the user turn ``idx``."""
+    return conversation_context([(str(m.role), m.text()) for m in chat[:idx]], n)
 
 
 def _turn(idx: int, info: AlignProInfo) -> TurnRewrite:
@@ -554,20 +595,59 @@ async def rewrite_in_process(settings: Settings, req: RewriteRequest) -> Rewrite
         await gw.aclose()
 
 
+def _split_event(event: bytes) -> tuple[bytes, bytes]:
+    """An SSE event as (its ``event:`` line, with its newline, or b""; the payload after ``data: ``)."""
+    head = b""
+    if event.startswith(b"event: "):
+        end = event.find(b"\n") + 1
+        head, event = event[:end], event[end:]
+    return head, event[len(b"data: ") :] if event.startswith(b"data: ") else b""
+
+
 def _event_json(event: bytes) -> dict[str, Any]:
     try:
-        data = json.loads(event[len(b"data: ") :])
+        data = json.loads(_split_event(event)[1])
     except ValueError:
         return {}
     return data if isinstance(data, dict) else {}
 
 
+def _usage(data: dict[str, Any]) -> Any:
+    """The usage of a stream event: on a chunk, or on the response of a Responses API event."""
+    response = data.get("response")
+    return data.get("usage") or (response.get("usage") if isinstance(response, dict) else None)
+
+
 def _inject(event: bytes, info: dict[str, Any]) -> bytes:
-    """Add the ``alignpro`` object to the first chunk of a stream."""
-    if not event.startswith(b"data: {"):
+    """Add the ``alignpro`` object to the first chunk of a stream (a Responses stream: to ``response.created``)."""
+    head, payload = _split_event(event)
+    if not payload.startswith(b"{"):
         return event
     data = _event_json(event)
-    if not data or "error" in data:
+    if not data or "error" in data or data.get("type") == "error":
         return event
     data["alignpro"] = info
-    return b"data: " + json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
+    return head + b"data: " + json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
+
+
+def _responses_input(req: ResponsesRequest, applied: dict[int, Rewrite]) -> dict[str, Any]:
+    """The fields of ``req`` to replace upstream: user input items' text rewritten, augment guidance appended to
+    ``instructions`` (the Responses API's system prompt). Other items stay as sent."""
+    replace: dict[str, Any] = {}
+    items: list[dict[str, Any]] | None = None if isinstance(req.input, str) else list(req.input)
+    for i, rw in applied.items():
+        if rw.guidance is not None:
+            replace["instructions"] = (
+                f"{req.instructions}\n\n{rw.guidance}" if req.instructions else rw.guidance
+            )
+        elif items is None:
+            replace["input"] = rw.prompt
+        else:
+            content = items[i].get("content")
+            if isinstance(content, list):  # keep non-text parts (images, files), the text becomes the rewrite
+                others = [p for p in content if p.get("type") not in ("input_text", "text")]
+                items[i] = {**items[i], "content": [{"type": "input_text", "text": rw.prompt}, *others]}
+            else:
+                items[i] = {**items[i], "content": rw.prompt}
+            replace["input"] = items
+    return replace

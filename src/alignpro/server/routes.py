@@ -29,6 +29,7 @@ from alignpro.protocol import (
     EmbeddingRequest,
     ErrorResponse,
     ModelList,
+    ResponsesRequest,
     RewriteRequest,
     RewriteResponse,
     TokenizeRequest,
@@ -52,11 +53,18 @@ BODY_MODELS: tuple[type[BaseModel], ...] = (
     ChatCompletionRequest,
     CompletionRequest,
     RewriteRequest,
+    ResponsesRequest,
     EmbeddingRequest,
     TokenizeRequest,
 )
 Body = TypeVar(
-    "Body", ChatCompletionRequest, CompletionRequest, RewriteRequest, EmbeddingRequest, TokenizeRequest
+    "Body",
+    ChatCompletionRequest,
+    CompletionRequest,
+    RewriteRequest,
+    ResponsesRequest,
+    EmbeddingRequest,
+    TokenizeRequest,
 )
 Route = TypeVar("Route", bound=Callable[..., Any])
 
@@ -159,6 +167,12 @@ async def completions(request: Request) -> Response:
 async def rewrite(request: Request) -> RewriteResponse:
     req = await _read(request, RewriteRequest)
     return await _gateway(request).rewrite_only(req, _principal(request), _call(request))
+
+
+@_post("/v1/responses", ResponsesRequest, None)
+async def responses(request: Request) -> Response:
+    req = await _read(request, ResponsesRequest)
+    return _respond(await _gateway(request).responses(req, _principal(request), _call(request)))
 
 
 @_post("/v1/embeddings", EmbeddingRequest, None)

@@ -12,7 +12,8 @@ bytes):
   the chat it calls ``get_weather`` (ids ``call_1``, ``call_2``...); then it answers in text. With a JSON
   ``response_format`` it answers :data:`JSON_ANSWER`. Streams carry tool calls in pieces, as vLLM sends them.
 
-``/v1/embeddings``, ``/tokenize`` and ``/v1/responses`` answer fixed shapes that name what they were sent.
+``/v1/embeddings``, ``/tokenize`` and ``/v1/responses`` (not streamed) answer fixed shapes that name what they were
+sent: a response's text is the number of input items it got.
 It runs in a thread of the test process (uvicorn on a free loopback port), like
 :class:`~alignpro.testing.faults.FaultInjector`.
 """
@@ -64,6 +65,7 @@ class ScriptedUpstream:
         app = Starlette(
             routes=[
                 Route("/v1/chat/completions", self._chat, methods=["POST"]),
+                Route("/v1/responses", self._responses, methods=["POST"]),
                 Route("/v1/embeddings", self._embeddings, methods=["POST"]),
                 Route("/tokenize", self._tokenize, methods=["POST"]),
                 Route("/v1/models", self._models, methods=["GET"]),
@@ -116,6 +118,31 @@ class ScriptedUpstream:
         ]
         return JSONResponse(
             {"object": "list", "data": data, "model": body["model"], "usage": {"prompt_tokens": 1}}
+        )
+
+    async def _responses(self, request: Request) -> Response:
+        body = await self._record(request)
+        items = body["input"] if isinstance(body["input"], list) else [body["input"]]
+        text = f"{len(items)} input items"
+        content = [{"type": "output_text", "text": text, "annotations": []}]
+        message = {
+            "type": "message",
+            "id": "msg_1",
+            "status": "completed",
+            "role": "assistant",
+            "content": content,
+        }
+        return JSONResponse(
+            {
+                "id": "resp_scripted",
+                "object": "response",
+                "created_at": int(time.time()),
+                "model": body["model"],
+                "status": "completed",
+                "output": [message],
+                "previous_response_id": body.get("previous_response_id"),
+                "usage": {"input_tokens": 5, "output_tokens": 3, "total_tokens": 8},
+            }
         )
 
     async def _tokenize(self, request: Request) -> Response:

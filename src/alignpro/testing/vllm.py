@@ -94,6 +94,9 @@ def vllm_server(
         "PYTHONUNBUFFERED": "1",  # tests read the access log while the server runs
         "VLLM_NO_USAGE_STATS": "1",
         "DO_NOT_TRACK": "1",
+        # /v1/responses keeps responses for previous_response_id only with its store on (in memory, unbounded:
+        # fine for a test server; a deployment chooses).
+        "VLLM_ENABLE_RESPONSES_API_STORE": "1",
     }
     return Server(
         "vllm", args, f"http://127.0.0.1:{port}/health", env=env, log_path=workdir / f"vllm-{port}.log"

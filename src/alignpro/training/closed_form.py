@@ -125,8 +125,9 @@ class Policy:
     def trainable_parameters(self) -> list[Any]:
         return [p for p in self.model.parameters() if p.requires_grad]
 
-    def prompt_ids(self, text: str, contract: Contract) -> list[int]:
-        return self.gen.chat_ids(prompter_messages(text, contract))
+    def prompt_ids(self, text: str, contract: Contract, context: Sequence[tuple[str, str]] = ()) -> list[int]:
+        """The prompter's input for the request ``text`` after the conversation turns ``context``."""
+        return self.gen.chat_ids(prompter_messages(text, contract, context))
 
     def sample(
         self,
@@ -145,7 +146,7 @@ class Policy:
         """K outputs per example from rho_theta (``adapter=True``) or rho_ref, in batches; seeded per row."""
         rows: list[tuple[Example, list[int], int]] = []
         for e in examples:
-            ids = self.prompt_ids(e.prompt, contract)
+            ids = self.prompt_ids(e.prompt, contract, e.context())
             rows += [(e, ids, row_seed(seed, tag, e.id, j)) for j in range(k)]
         out: list[Sample] = []
         for i in range(0, len(rows), batch_size):
@@ -171,7 +172,7 @@ class Policy:
         """Samples from texts drawn elsewhere (e.g. rho_ref served by vLLM), re-tokenised for training."""
         out: list[Sample] = []
         for e, outs in zip(examples, outputs, strict=True):
-            ids = self.prompt_ids(e.prompt, contract)
+            ids = self.prompt_ids(e.prompt, contract, e.context())
             for text, finish in outs:
                 comp = self.gen.text_ids(text) + ([self.end_id] if finish == "stop" else [])
                 out.append(Sample(e, ids, comp, text, finish or "stop"))

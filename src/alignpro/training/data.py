@@ -1,4 +1,9 @@
-"""Prompt data for training and evaluating prompters: rows of ``id``, ``prompt`` and ``kind``.
+"""Prompt data for training and evaluating prompters: rows of ``id``, ``prompt`` (or ``messages``) and ``kind``.
+
+A row is a single prompt (``prompt``), or a conversation (``messages``: OpenAI chat messages). A conversation's
+last user message is the request the prompter rewrites; the messages before it are its history, which the
+prompter sees as context (the gateway's rule, :func:`~alignpro.prompter.instruction.conversation_context`) and
+the frozen model gets before the (rewritten) request; messages after the last user turn are ignored.
 
 Sources (:func:`load_prompts`):
 
@@ -27,6 +32,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from alignpro.errors import ConfigError
+from alignpro.prompter.instruction import conversation_context
+from alignpro.settings import DEFAULT_CONTEXT_TURNS
 
 Split = Literal["train", "dev", "all"]
 KINDS = ("harmful", "benign")
@@ -44,9 +51,27 @@ class Example:
     instruction_id_list: tuple[str, ...] = ()
     # Arguments of each instruction, aligned with instruction_id_list; dicts do not hash, so not compared.
     kwargs: tuple[dict[str, Any] | None, ...] = field(default=(), compare=False)
+    # A conversation's turns before ``prompt``, as (role, text); empty for a single prompt.
+    history: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def multi_turn(self) -> bool:
+        return bool(self.history)
+
+    def context(self, n: int = DEFAULT_CONTEXT_TURNS) -> list[tuple[str, str]]:
+        """What the prompter sees before ``prompt``: the gateway's view of the history."""
+        return conversation_context(self.history, n)
+
+    def history_text(self) -> str:
+        """The context as one text, for the validator's off-topic check (as the prompter stage does)."""
+        return "\n".join(text for _, text in self.context())
 
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"id": self.id, "prompt": self.prompt, "kind": self.kind}
+        if self.history:
+            out["messages"] = [{"role": r, "content": t} for r, t in self.history] + [
+                {"role": "user", "content": self.prompt}
+            ]
         if self.instruction_id_list:
             out |= {"instruction_id_list": list(self.instruction_id_list), "kwargs": list(self.kwargs)}
         return out
@@ -81,7 +106,36 @@ def select_split(
     return [e for e in examples if split_of(e.id, train_percent) == split]
 
 
+def _conversation(messages: Any, where: str) -> tuple[str, tuple[tuple[str, str], ...]]:
+    """A ``messages`` column: (its last user message's text, the turns before it as (role, text))."""
+    if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
+        raise ConfigError(f"{where}: messages must be a list of chat messages (objects with a role)")
+    turns = [(str(m["role"]), _text(m.get("content"))) for m in messages]
+    users = [i for i, (role, text) in enumerate(turns) if role == "user" and text.strip()]
+    if not users:
+        raise ConfigError(f"{where}: a conversation has no user message with text")
+    return turns[users[-1]][1], tuple(turns[: users[-1]])
+
+
+def _text(content: Any) -> str:
+    if isinstance(content, list):  # text parts
+        return "".join(
+            str(p.get("text", "")) for p in content if isinstance(p, dict) and p.get("type") == "text"
+        )
+    return "" if content is None else str(content)
+
+
 def _row(obj: dict[str, Any], default_kind: str, where: str) -> Example:
+    history: tuple[tuple[str, str], ...] = ()
+    if obj.get("messages") is not None:
+        messages = obj["messages"]
+        if isinstance(messages, str):  # a CSV cell holds JSON text
+            try:
+                messages = json.loads(messages)
+            except ValueError as exc:
+                raise ConfigError(f"{where}: messages is not JSON ({exc})") from exc
+        last, history = _conversation(messages, where)
+        return _example(obj, last, history, default_kind, where)
     prompt = obj.get("prompt")
     if prompt is None:
         for alt in ("text", "instruction", "question", "goal"):
@@ -92,14 +146,22 @@ def _row(obj: dict[str, Any], default_kind: str, where: str) -> Example:
         prompt = prompt[-1].get("content")
     if not isinstance(prompt, str) or not prompt.strip():
         raise ConfigError(f"{where}: a row has no prompt")
+    return _example(obj, prompt, (), default_kind, where)
+
+
+def _example(
+    obj: dict[str, Any], prompt: str, history: tuple[tuple[str, str], ...], default_kind: str, where: str
+) -> Example:
     kind = str(obj.get("kind") or default_kind).strip().lower()
     if kind not in KINDS:
         raise ConfigError(f"{where}: unknown kind {kind!r}; expected harmful or benign")
     rid = obj.get("id")
     if rid is None or str(rid) == "":
-        rid = "h-" + hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:16]
+        # a single prompt's id is a hash of its text (as before conversations existed); a conversation's, of all
+        key = json.dumps([list(t) for t in history] + [prompt], ensure_ascii=False) if history else prompt
+        rid = "h-" + hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
     ids, kwargs = _constraints(obj, where)
-    return Example(str(rid), prompt, kind, ids, kwargs)
+    return Example(str(rid), prompt, kind, ids, kwargs, history)
 
 
 def _constraints(
@@ -226,6 +288,7 @@ def data_hash(examples: Iterable[Example]) -> str:
     """sha256 over the rows (id, kind, prompt), in order: recorded with a trained adapter."""
     h = hashlib.sha256()
     for e in examples:
-        h.update(json.dumps([e.id, e.kind, e.prompt], ensure_ascii=False).encode("utf-8"))
+        row: list[Any] = [e.id, e.kind, e.prompt] + ([[list(t) for t in e.history]] if e.history else [])
+        h.update(json.dumps(row, ensure_ascii=False).encode("utf-8"))
         h.update(b"\n")
     return h.hexdigest()

@@ -258,7 +258,7 @@ def _validate(samples: Sequence[cf.Sample], validator: OutputValidator, contract
     validator.prefetch([t for s in samples for t in (s.example.prompt, s.text.strip())])
     reasons: dict[str, int] = {}
     for s in samples:
-        parsed = validator(s.example.prompt, s.text, s.finish_reason, contract)
+        parsed = validator(s.example.prompt, s.text, s.finish_reason, contract, s.example.history_text())
         s.served, s.reason = parsed.text, parsed.reason
         if parsed.text is None:
             reasons[parsed.reason or "unusable"] = reasons.get(parsed.reason or "unusable", 0) + 1
@@ -276,6 +276,7 @@ def _score_samples(ctx: RunContext, samples: list[cf.Sample]) -> None:
         [s.served for s in samples],
         [e.kind for e in examples],
         columns=reward_columns(examples),
+        histories=[e.history for e in examples],
     )
     for s, r in zip(samples, rs, strict=True):
         s.reward = r
@@ -300,10 +301,11 @@ async def engine_rewrites(engine: Any, rows: Sequence[Any], cfg: Any, k: int) ->
     itself (importance ratio 1), which only the untempered, untruncated softmax is."""
     sem = asyncio.Semaphore(max(1, cfg.concurrency))
 
-    async def one(text: str) -> list[tuple[str, str | None]]:
+    async def one(row: Any) -> list[tuple[str, str | None]]:
         body = prompter_request(
-            text,
+            row.prompt,
             cfg.contract,
+            context=row.context(),
             model=engine.default_model(),
             max_tokens=cfg.max_new_tokens,
             temperature=PROPOSAL_TEMPERATURE,
@@ -313,7 +315,7 @@ async def engine_rewrites(engine: Any, rows: Sequence[Any], cfg: Any, k: int) ->
         async with sem:
             return prompter_outputs(await engine.chat(body))
 
-    return list(await asyncio.gather(*(one(r.prompt) for r in rows)))
+    return list(await asyncio.gather(*(one(r) for r in rows)))
 
 
 def proc_cpu_seconds(pid: int) -> float:
@@ -374,22 +376,23 @@ def evaluate(
     xs = [e.prompt for e in dev]
     kinds = [e.kind for e in dev]
     cols = reward_columns(dev)
+    hs = [e.history for e in dev]
     out: dict[str, Any] = {"n": len(dev), "kinds": {k: kinds.count(k) for k in sorted(set(kinds))}}
     t0 = time.process_time()
-    per_mode = {"none": estimator.estimate(runner, xs, [None] * len(xs), kinds, cols)}
+    per_mode = {"none": estimator.estimate(runner, xs, [None] * len(xs), kinds, cols, hs)}
     rewrites: dict[str, list[str | None]] = {}
     for mode, adapter in (("reference", False), ("trained", True)):
         samples = cf.sample_rewrites(policy, dev, cfg, 1, adapter=adapter, tag=f"{seed_tag}-{mode}")
         out[f"{mode}_fallbacks"] = _validate(samples, validator, cfg.contract)
         rewrites[mode] = [s.served for s in samples]
-        per_mode[mode] = estimator.estimate(runner, xs, rewrites[mode], kinds, cols)
+        per_mode[mode] = estimator.estimate(runner, xs, rewrites[mode], kinds, cols, hs)
         if adapter:
             out.update(_kl_stats(policy, samples))
     if optimal_k > 0 and selector is not None:
         rewrites["optimal"] = _optimal_rewrites(
             policy, dev, selector, runner, cfg, validator, optimal_k, seed_tag
         )
-        per_mode["optimal"] = estimator.estimate(runner, xs, rewrites["optimal"], kinds, cols)
+        per_mode["optimal"] = estimator.estimate(runner, xs, rewrites["optimal"], kinds, cols, hs)
     for mode, rs in per_mode.items():
         out[mode] = _reward_stats(rs, kinds)
     if "trained" in per_mode:
@@ -440,10 +443,18 @@ def _optimal_rewrites(
     """One rewrite per dev row from the rho* sampler: K rho_ref candidates, one chosen by ``selector``'s R."""
     # exact: resampling by exp(R/lam) turns draws from rho_ref into draws from rho* only if they are rho_ref's (T=1)
     cands = cf.sample_rewrites(policy, dev, cfg, k, adapter=False, tag=f"{seed_tag}-optimal", exact=True)
-    texts = [validator(c.example.prompt, c.text, c.finish_reason, cfg.contract).text for c in cands]
+    texts = [
+        validator(c.example.prompt, c.text, c.finish_reason, cfg.contract, c.example.history_text()).text
+        for c in cands
+    ]
     examples = [c.example for c in cands]
     r_sel = selector.estimate(
-        runner, [e.prompt for e in examples], texts, [e.kind for e in examples], reward_columns(examples)
+        runner,
+        [e.prompt for e in examples],
+        texts,
+        [e.kind for e in examples],
+        reward_columns(examples),
+        [e.history for e in examples],
     )
     rng = random.Random(cfg.seed)
     return [texts[i * k + choose(r_sel[i * k : (i + 1) * k], cfg.lam, rng)] for i in range(len(dev))]

@@ -49,10 +49,11 @@ from typing import Any
 
 from alignpro import embedded
 from alignpro.errors import ConfigError
-from alignpro.prompter.instruction import prompter_messages
+from alignpro.prompter.instruction import conversation_context, prompter_messages
 from alignpro.prompter.validate import OutputValidator
 from alignpro.protocol import Contract
 from alignpro.scoring.estimate import LoopThread, REstimator
+from alignpro.settings import DEFAULT_CONTEXT_TURNS
 from alignpro.training.config import RLConfig
 from alignpro.training.data import Example, reward_columns
 
@@ -86,21 +87,28 @@ class RReward:
         original: list[str] | None = None,
         kind: list[str] | None = None,
         constraints: list[str] | None = None,
+        history: list[str] | None = None,
         **kw: Any,
     ) -> list[float]:
         if original is None or kind is None:
             raise ValueError("the R reward needs the dataset's `original` and `kind` columns")
         served: list[str | None] = []
+        # a conversation row's earlier turns (JSON (role, text) pairs; see make_dataset)
+        turns = [[tuple(t) for t in json.loads(h)] for h in history] if history else [[] for _ in original]
+        contexts = [conversation_context(t, DEFAULT_CONTEXT_TURNS) for t in turns]
+        contexts_text = ["\n".join(text for _, text in c) for c in contexts]
         texts = [c[-1]["content"] if isinstance(c, list) else str(c) for c in completions]
         self.validator.prefetch(list(original) + [t.strip() for t in texts])
         for i, text in enumerate(texts):
             ids = completion_ids[i] if completion_ids is not None else []
             finish = "length" if len(ids) >= self.max_new_tokens else "stop"
-            parsed = self.validator(original[i], text, finish, self.contract)
+            parsed = self.validator(original[i], text, finish, self.contract, contexts_text[i])
             served.append(parsed.text)
             self.unusable += parsed.text is None
         self.seen += len(completions)
-        return self.estimator.estimate(self.runner, original, served, kind, columns=_columns(constraints))
+        return self.estimator.estimate(
+            self.runner, original, served, kind, columns=_columns(constraints), histories=turns
+        )
 
 
 def _columns(constraints: list[str] | None) -> dict[str, list[Any]] | None:
@@ -120,8 +128,9 @@ def make_dataset(examples: Sequence[Example], contract: Contract) -> Any:
     return Dataset.from_list(
         [
             {
-                "prompt": prompter_messages(e.prompt, contract),
+                "prompt": prompter_messages(e.prompt, contract, e.context()),
                 "original": e.prompt,
+                "history": json.dumps([list(t) for t in e.history], ensure_ascii=False),
                 "kind": e.kind,
                 "id": e.id,
                 # JSON: Arrow cannot hold the kwargs dicts, whose keys differ from row to row.

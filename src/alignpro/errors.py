@@ -14,7 +14,9 @@ them into ``{"error": {"message", "type", "param", "code"}}`` in one function
     ├── AuthenticationError         401  missing or wrong API key
     ├── PermissionDeniedError       403  the key may not use this model
     ├── NotFoundError               404  unknown model alias or route
+    ├── RequestTimeoutError         408  the client took too long to send its request body
     ├── PayloadTooLargeError        413  the body is over the configured limit
+    ├── UnsupportedMediaTypeError   415  a request body that is not declared as JSON
     ├── RateLimitError              429  too many requests for this key (retry_after seconds)
     ├── UpstreamError               502  the upstream answered with garbage or an unexpected status
     │   └── UpstreamStatusError     (status of the upstream)  a 4xx from the upstream, relayed as-is
@@ -88,6 +90,18 @@ class NotFoundError(AlignProError):
     status = 404
     type = "invalid_request_error"
     default_code = "model_not_found"
+
+
+class RequestTimeoutError(AlignProError):
+    status = 408
+    type = "invalid_request_error"
+    default_code = "request_timeout"
+
+
+class UnsupportedMediaTypeError(AlignProError):
+    status = 415
+    type = "invalid_request_error"
+    default_code = "unsupported_media_type"
 
 
 class PayloadTooLargeError(AlignProError):

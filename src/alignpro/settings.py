@@ -70,6 +70,16 @@ class EngineConfig(BaseModel):
     batch_wait_ms: float = Field(4.0, ge=0, description="local: how long a batch waits for company.")
     max_inflight: int = Field(256, ge=1, description="openai: most concurrent requests per replica.")
     failure_threshold: int = Field(3, ge=1, description="openai: consecutive failures that eject a replica.")
+    allowed_fields: list[str] = Field(
+        default_factory=list,
+        description="Request fields to relay beyond the OpenAI ones and the engine kind's sampling extras "
+        "(e.g. vLLM's ignore_eos); others are refused with 400.",
+    )
+    content_types: list[str] = Field(
+        default_factory=lambda: ["text"],
+        description="Message content part types to accept (add image_url for a vision model: the upstream then "
+        "fetches URLs that callers choose).",
+    )
     probe_interval_s: float = Field(5.0, gt=0, description="openai: how often an ejected replica is probed.")
 
     @model_validator(mode="after")
@@ -243,8 +253,23 @@ class Settings(BaseSettings):
         env_prefix="ALIGNPRO_", env_nested_delimiter="__", extra="ignore", validate_default=True
     )
 
-    host: str = "127.0.0.1"
+    host: str = Field("127.0.0.1", description="Address to listen on: loopback only unless told otherwise.")
     port: int = Field(8000, ge=0, le=65535)
+    allowed_hosts: list[str] | None = Field(
+        None,
+        description="Host names the gateway answers to (Host and Origin headers; '*' = any). Default: any when "
+        "API keys are set, else only localhost, 127.0.0.1 and ::1, so a web page cannot reach an open gateway "
+        "through DNS rebinding.",
+    )
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="A client must send a request's headers within this (slow-header attacks)."
+    )
+    body_timeout_s: float = Field(
+        30.0, gt=0, description="A client must send a request's body within this, else 408 (slow bodies)."
+    )
+    max_connections: int = Field(
+        1024, ge=1, description="Open connections (and running requests) above this are answered 503."
+    )
     config: Path | None = Field(
         None, description="YAML file with these settings (lower precedence than env)."
     )
@@ -265,6 +290,9 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(600.0, gt=0, description="Total budget of a non-streaming request.")
     rewrite_cache_size: int = Field(4096, ge=0, description="Cached rewrites (0 disables the cache).")
     rewrite_cache_ttl_s: float = Field(3600.0, gt=0)
+    rewrite_cache_bytes: int = Field(
+        16 << 20, ge=0, description="Most bytes of text the rewrite cache holds (its keys and rewrites)."
+    )
     redis_url: str | None = Field(
         None,
         description="redis://[:password@]host:port/db shared by every replica: per-key rate limits and the rewrite "

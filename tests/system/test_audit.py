@@ -54,7 +54,7 @@ async def _gateway(settings: Settings, tracing: Tracing | None = None) -> AsyncI
     app = create_app(settings, gateway=Gateway(settings, tracing=tracing))
     http = httpx.AsyncClient(
         transport=httpx.ASGITransport(app=app),
-        base_url="http://gw",
+        base_url="http://localhost",
         headers={"authorization": f"Bearer {KEY}"},
     )
     async with app.router.lifespan_context(app), http:

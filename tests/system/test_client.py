@@ -99,7 +99,10 @@ async def asgi_client(faults: FaultInjector, **settings: Any) -> AsyncIterator[A
     api_key = settings.get("api_keys", [None])[0]
     async with app.router.lifespan_context(app):
         http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app))
-        async with http, AsyncAlignPro(base_url="http://gateway/v1", api_key=api_key, http_client=http) as c:
+        async with (
+            http,
+            AsyncAlignPro(base_url="http://localhost/v1", api_key=api_key, http_client=http) as c,
+        ):
             yield c
 
 

@@ -32,6 +32,7 @@ from alignpro.testing.servers import free_port, start_gateway
 
 KEY = "sk-fuzz-5e1d"
 AUTH = {"authorization": f"Bearer {KEY}"}
+JSON_AUTH = {**AUTH, "content-type": "application/json"}  # bodies must be declared JSON
 EXAMPLES = int(os.environ.get("ALIGNPRO_FUZZ_EXAMPLES", "10"))
 
 
@@ -196,7 +197,7 @@ def near_valid(draw: st.DrawFn) -> tuple[str, Any]:
 @given(case=near_valid() | st.tuples(st.sampled_from(sorted(VALID)), JSON))
 def test_random_json_never_yields_a_server_error(target: str, case: tuple[str, Any]) -> None:
     path, body = case
-    r = httpx.post(f"{target}{path}", content=json.dumps(body), headers=AUTH, timeout=30)
+    r = httpx.post(f"{target}{path}", content=json.dumps(body), headers=JSON_AUTH, timeout=30)
     assert r.status_code < 500, (path, body, r.status_code, r.text[:300])
     if r.status_code >= 400:
         assert _openai_error(r), (path, body, r.text[:300])
@@ -207,7 +208,7 @@ def test_random_json_never_yields_a_server_error(target: str, case: tuple[str, A
 @settings(max_examples=EXAMPLES * 2, deadline=None, database=None, suppress_health_check=list(HealthCheck))
 @given(raw=st.binary(max_size=200) | st.text(max_size=200).map(lambda s: s.encode("utf-8", "surrogatepass")))
 def test_random_bytes_never_yield_a_server_error(target: str, raw: bytes) -> None:
-    r = httpx.post(f"{target}/v1/chat/completions", content=raw, headers=AUTH, timeout=30)
+    r = httpx.post(f"{target}/v1/chat/completions", content=raw, headers=JSON_AUTH, timeout=30)
     assert r.status_code in (400, 422) and _openai_error(r), (raw, r.status_code, r.text[:300])
 
 

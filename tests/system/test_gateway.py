@@ -160,7 +160,12 @@ def test_bad_requests_get_openai_errors(client: openai.OpenAI, call, status: int
 
 
 def test_malformed_json_and_wrong_types(gateway_url: str) -> None:
-    r = httpx.post(f"{gateway_url}/v1/chat/completions", content=b"{not json", timeout=10)
+    r = httpx.post(
+        f"{gateway_url}/v1/chat/completions",
+        content=b"{not json",
+        headers={"content-type": "application/json"},
+        timeout=10,
+    )
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
     r = httpx.post(
         f"{gateway_url}/v1/chat/completions",

@@ -47,7 +47,7 @@ def _settings(faults: FaultInjector, **extra: Any) -> Settings:
 @asynccontextmanager
 async def _gateway(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
     app = create_app(settings)
-    http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw")
+    http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://localhost")
     async with app.router.lifespan_context(app), http:
         yield http
 

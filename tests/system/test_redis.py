@@ -123,7 +123,7 @@ async def _gateway(faults: FaultInjector, url: str, **extra: Any) -> AsyncIterat
         **extra,
     )
     app = create_app(settings)
-    http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw")
+    http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://localhost")
     async with app.router.lifespan_context(app), http:
         yield http
 

@@ -287,7 +287,9 @@ def test_size_and_count_caps(secured: tuple[str, Server]) -> None:
                 yield b"y" * 1000
             yield b'"}]}'
 
-        r = c.post(f"{url}/v1/chat/completions", content=chunks())
+        r = c.post(
+            f"{url}/v1/chat/completions", content=chunks(), headers={"content-type": "application/json"}
+        )
         assert r.status_code == 413
         many = chat(messages=[{"role": "user", "content": "x"}] * 9)
         r = c.post(f"{url}/v1/chat/completions", json=many)

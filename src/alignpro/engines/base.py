@@ -58,9 +58,17 @@ def stream_error(error: dict[str, Any], responses: bool) -> list[bytes]:
 
 
 class Engine(ABC):
-    """Something that serves OpenAI-shaped chat and text completions."""
+    """Something that serves OpenAI-shaped chat and text completions.
+
+    ``extra_fields`` are the request fields, beyond those :mod:`alignpro.protocol` models, that this engine
+    takes; ``content_types`` the message content parts. The gateway refuses others (400) rather than pass them
+    on verbatim: an upstream's own extensions (vLLM's ``chat_template``, ``logits_processors``, ``ignore_eos``)
+    and image URLs it would fetch are the operator's to allow, not a caller's.
+    """
 
     kind: str = ""
+    extra_fields: frozenset[str] = frozenset()
+    content_types: frozenset[str] = frozenset({"text"})
 
     def __init__(self, name: str) -> None:
         self.name = name

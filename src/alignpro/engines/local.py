@@ -328,6 +328,8 @@ class LocalEngine(Engine):
     def __init__(self, name: str, cfg: EngineConfig, generator: Generator | None = None) -> None:
         super().__init__(name)
         self.cfg = cfg
+        self.extra_fields = frozenset(cfg.allowed_fields)  # it reads no extra field: each would go unheeded
+        self.content_types = frozenset(cfg.content_types)
         self.generator = generator
         self._jobs: queue.Queue[_Job | None] = queue.Queue()
         self._worker: threading.Thread | None = None

@@ -17,7 +17,9 @@ Client errors from the upstream (vLLM's 400 for a prompt over the context length
 relayed with their status, but in the OpenAI error shape: vLLM answers ``{"type": "BadRequestError", "code":
 400}``, which clients cannot branch on, so type and code are normalised (``context_length_exceeded`` for the
 context case). An upstream 401/403 means the gateway's own upstream key is wrong, not the caller's: that is a
-502.
+502. An upstream's error text reaches the client only for those client errors and only when it is safe
+(:func:`safe_message`: no upstream key, traceback or credentials); 429 and 5xx get a message of ours. The
+upstream's own text is logged, with the key redacted.
 """
 
 from __future__ import annotations
@@ -71,22 +73,49 @@ class Replica:
     ejected_at: float = 0.0
 
 
-def _error_message(resp_body: bytes, status: int) -> tuple[dict[str, Any] | None, str]:
+# What an upstream error message must not carry to a client: secrets, tracebacks, addresses with credentials.
+_UNSAFE = re.compile(
+    r"traceback \(most recent call last\)|\bfile \"[^\"]+\", line \d+|\w+://[^/\s:@]+:[^/\s@]+@|bearer\s+\S|"
+    r"\b(?:api[_-]?key|password|passwd|secret|token)\s*[=:]",
+    re.IGNORECASE,
+)
+REDACTED = "[redacted]"
+_IDENT = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+def _parsed(content: bytes) -> dict[str, Any] | None:
     try:
-        body = json.loads(resp_body)
+        body = json.loads(content)
     except ValueError:
-        return None, f"upstream answered {status}: {resp_body[:200].decode(errors='replace')}"
-    return (body if isinstance(body, dict) else None), f"upstream answered {status}"
+        return None
+    return body if isinstance(body, dict) else None
 
 
-def _server_error(
-    status: int, parsed: dict[str, Any] | None, msg: str, headers: httpx.Headers | None = None
-) -> AlignProError:
+def _redact(text: str, secret: str | None) -> str:
+    return text.replace(secret, REDACTED) if secret else text
+
+
+def safe_message(message: str, secret: str | None) -> str | None:
+    """``message`` when it is fit for a client: it does not hold the gateway's upstream key (``secret``), a
+    traceback, a connection string or a credential; else None."""
+    if (secret and secret in message) or _UNSAFE.search(message) or len(message) > 2000:
+        return None
+    return message
+
+
+def _server_error(status: int, parsed: dict[str, Any] | None, headers: httpx.Headers) -> AlignProError:
+    """The error for an upstream 429 or 5xx: its status and a message of ours (its own text is logged only)."""
+    msg = f"upstream answered {status}"
     if status == 429:
-        err = UpstreamStatusError(429, parsed, msg)
+        theirs = parsed.get("error") if parsed else None
+        theirs = theirs if isinstance(theirs, dict) else {}
+        # Its code and type are identifiers a client may branch on; its message is text, which is not relayed.
+        fields = {k: v for k in ("code", "type") if isinstance(v := theirs.get(k), str) and _IDENT.match(v)}
+        message = "the upstream is rate limiting the gateway; retry later"
+        err = UpstreamStatusError(429, {"error": {**fields, "message": message}}, message)
         # The upstream knows when it will take work again; a client that honours Retry-After (openai-python
         # does) should hear it rather than retry blind.
-        retry_after = (headers.get("retry-after") or "").strip() if headers is not None else ""
+        retry_after = (headers.get("retry-after") or "").strip()
         if retry_after.isdigit():  # delta-seconds; anything else is not relayed
             err.headers["retry-after"] = retry_after
         return err
@@ -96,16 +125,17 @@ def _server_error(
     return UpstreamError(msg)
 
 
-def client_error(status: int, content: bytes, path: str) -> AlignProError:
-    """The error to raise for an upstream 4xx (not 429): relayed with its status, in the OpenAI shape."""
-    parsed, msg = _error_message(content, status)
+def client_error(status: int, parsed: dict[str, Any] | None, path: str, secret: str | None) -> AlignProError:
+    """The error to raise for an upstream 4xx (not 429): relayed with its status, in the OpenAI shape, with the
+    upstream's message when :func:`safe_message` passes it (vLLM's validation messages help the caller)."""
+    msg = f"the upstream refused the request ({status})"
     err = parsed.get("error") if parsed else None
     if not isinstance(err, dict):  # FastAPI's {"detail": ...} and other shapes
         detail = parsed.get("detail") if parsed else None
         err = {"message": str(detail) if detail else msg}
-    message = str(err.get("message") or msg)
     if status in (401, 403):
-        return UpstreamError(f"the upstream refused the gateway's credentials ({status}): {message}")
+        return UpstreamError(f"the upstream refused the gateway's credentials ({status})")
+    message = safe_message(str(err.get("message") or msg), secret) or msg
     param = err.get("param") if isinstance(err.get("param"), str) else None
     code = err.get("code") if isinstance(err.get("code"), str) else None
     if status == 400 and _CONTEXT_RE.search(message):
@@ -120,6 +150,21 @@ def client_error(status: int, content: bytes, path: str) -> AlignProError:
     return UpstreamStatusError(status, body, message)
 
 
+# Extras of OpenAI's API and vLLM's sampling parameters that only shape the sampling of the one answer asked
+# for. Not here: what changes the template or the model's code path (chat_template, chat_template_kwargs,
+# logits_processors, add_special_tokens, mm_processor_kwargs, prompt_embeds), what lifts a limit or multiplies
+# the work (ignore_eos, best_of, use_beam_search, min_tokens over max_tokens, priority), ids and internals
+# (request_id, kv_transfer_params, vllm_xargs, cache_salt): an operator adds them with allowed_fields.
+OPENAI_EXTRA_FIELDS = frozenset(
+    """
+    top_k min_p repetition_penalty length_penalty include_stop_str_in_output skip_special_tokens
+    spaces_between_special_tokens stop_token_ids structured_outputs guided_json guided_regex guided_choice
+    guided_grammar guided_whitespace_pattern logit_bias metadata store service_tier reasoning_effort
+    truncate_prompt_tokens
+    """.split()
+)
+
+
 class OpenAIEngine(Engine):
     kind = "openai"
 
@@ -128,13 +173,15 @@ class OpenAIEngine(Engine):
     ) -> None:
         super().__init__(name)
         self.cfg = cfg
+        self.extra_fields = OPENAI_EXTRA_FIELDS | frozenset(cfg.allowed_fields)
+        self.content_types = frozenset(cfg.content_types)
         self.timeout = timeout
         self.request_timeout_s = request_timeout_s
         self.replicas = [Replica(u.rstrip("/")) for u in cfg.urls]
         self._client: httpx.AsyncClient | None = None
         self._prober: asyncio.Task[None] | None = None
-        headers = {"authorization": f"Bearer {cfg.api_key.get_secret_value()}"} if cfg.api_key else {}
-        self._headers = headers
+        self._secret = cfg.api_key.get_secret_value() if cfg.api_key else None
+        self._headers = {"authorization": f"Bearer {self._secret}"} if self._secret else {}
 
     def default_model(self) -> str:
         return self.cfg.model
@@ -223,13 +270,31 @@ class OpenAIEngine(Engine):
                 rep.healthy, rep.failures = True, 0
         if not any(results):
             raise UpstreamUnavailableError(f"no upstream of engine {self.name!r} answers")
+        # Replicas by their position in `urls`, not by URL: /ready is open to every key, the topology is not.
         return {
             "kind": self.kind,
-            "replicas": {r.url: ok for r, ok in zip(self.replicas, results, strict=True)},
-            "ejected": [
-                r.url for r in self.replicas if not r.healthy
-            ],  # out of rotation until a probe passes
+            "replicas": {str(i): ok for i, ok in enumerate(results)},
+            "ejected": [i for i, r in enumerate(self.replicas) if not r.healthy],  # until a probe passes
         }
+
+    def _refused(
+        self, rep: Replica, path: str, status: int, content: bytes, headers: httpx.Headers
+    ) -> AlignProError:
+        """The error for an upstream's error answer; its own text goes to the log (our key redacted), not to the
+        client, whose error says what it can act on."""
+        log.warning(
+            "upstream %s%s answered %d: %s",
+            rep.url,
+            path,
+            status,
+            _redact(content[:2000].decode(errors="replace"), self._secret),
+        )
+        parsed = _parsed(content)
+        if status < 500 and status != 429:
+            self._ok(rep)  # the replica works; the request was wrong
+            return client_error(status, parsed, path, self._secret)
+        self._failed(rep, f"status {status}")
+        return _server_error(status, parsed, headers)
 
     # ---------------------------------------------------------------------------------- requests
     async def _post(self, path: str, body: dict[str, Any], root: bool = False) -> dict[str, Any]:
@@ -258,12 +323,7 @@ class OpenAIEngine(Engine):
             finally:
                 rep.outstanding -= 1
             if resp.status_code >= 400:
-                parsed, msg = _error_message(resp.content, resp.status_code)
-                if resp.status_code < 500 and resp.status_code != 429:
-                    self._ok(rep)  # the replica works; the request was wrong
-                    raise client_error(resp.status_code, resp.content, path)
-                self._failed(rep, f"status {resp.status_code}")
-                last = _server_error(resp.status_code, parsed, msg, resp.headers)
+                last = self._refused(rep, path, resp.status_code, resp.content, resp.headers)
                 if resp.status_code in _RETRYABLE_STATUS:
                     continue
                 raise last
@@ -347,12 +407,7 @@ class OpenAIEngine(Engine):
                 rep.outstanding -= 1
                 content = await resp.aread()
                 await resp.aclose()
-                parsed, msg = _error_message(content, resp.status_code)
-                if resp.status_code < 500 and resp.status_code != 429:
-                    self._ok(rep)
-                    raise client_error(resp.status_code, content, path)
-                self._failed(rep, f"status {resp.status_code}")
-                last = _server_error(resp.status_code, parsed, msg, resp.headers)
+                last = self._refused(rep, path, resp.status_code, content, resp.headers)
                 if resp.status_code in _RETRYABLE_STATUS:
                     continue
                 raise last

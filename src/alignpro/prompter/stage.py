@@ -24,7 +24,7 @@ from alignpro.errors import (
     UpstreamStatusError,
     UpstreamUnavailableError,
 )
-from alignpro.prompter.cache import RewriteCache
+from alignpro.prompter.cache import RewriteCache, rewrite_key
 from alignpro.prompter.instruction import (
     frame_guidance,
     prompter_outputs,
@@ -132,7 +132,7 @@ class PrompterStage:
         return prompter_outputs(await self.engine.chat(body))
 
     async def rewrite(
-        self, text: str, mode: Mode, contract: Contract | None = None, context: Context = ()
+        self, text: str, mode: Mode, contract: Contract | None = None, context: Context = (), scope: str = ""
     ) -> Rewrite:
         """The rewrite of the user text ``text``, which comes after the earlier turns ``context``.
 
@@ -151,15 +151,11 @@ class PrompterStage:
         info.context_turns = len(context)
         # A rho* draw is a fresh sample each time: only the other modes are cached.
         cache = self.cache if mode != "optimal" else None
-        key = (
-            info.prompter or "",
-            self.fingerprint,
-            mode,
-            contract,
-            hashlib.sha256(rendered.encode()).hexdigest(),
-            text,
-        )
-        seed = draw_seed(key) if self.cfg.conversation.deterministic else None
+        digest = hashlib.sha256(rendered.encode()).hexdigest()
+        key = rewrite_key(scope, info.prompter or "", self.fingerprint, mode, contract, digest, text)
+        # The draw's seed depends on the history only: equal requests of two callers get the same rewrite, but
+        # each computes its own (the cache is per ``scope``).
+        seed = draw_seed(key[1:]) if self.cfg.conversation.deterministic else None
         start = time.perf_counter()
         cached = await cache.get(key) if cache is not None else None
         out, reason = cached, None

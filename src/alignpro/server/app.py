@@ -20,6 +20,8 @@ from alignpro.engines.base import REQUEST_ID
 from alignpro.errors import AlignProError
 from alignpro.server import audit, errors, routes
 from alignpro.server.audit import Call
+from alignpro.server.auth import HostAllowList
+from alignpro.server.connections import RedactQuery, guarded_protocol
 from alignpro.server.gateway import Gateway
 from alignpro.server.limits import Admission
 from alignpro.server.metrics import Metrics
@@ -107,7 +109,8 @@ def create_app(
     errors.install(app)
     gw.tracing.instrument_app(app)
     # Added before Envelope, so it runs inside it: its rejections get a request id and are counted.
-    app.add_middleware(Admission, keys=gw.keys, limiter=gw.limiter, drain=drain)
+    hosts = HostAllowList(settings.allowed_hosts, gw.keys.enabled)
+    app.add_middleware(Admission, keys=gw.keys, limiter=gw.limiter, drain=drain, hosts=hosts)
     app.add_middleware(Envelope, metrics=gw.metrics, settings=settings)
     app.include_router(routes.api_router)
     app.include_router(routes.ops_router)
@@ -141,5 +144,10 @@ def serve(settings: Settings) -> None:
         # Idle keep-alive connections are kept longer than clients keep them (httpx, openai-python: 5 s), so a
         # client never sends a request on a connection the server is closing at that moment (a lost request).
         timeout_keep_alive=KEEP_ALIVE_S,
+        # Slow clients: headers within header_timeout_s (bodies: body_timeout_s, in the routes), and a cap on
+        # open connections.
+        http=guarded_protocol(settings.header_timeout_s),
+        limit_concurrency=settings.max_connections,
     )
+    logging.getLogger("uvicorn.access").addFilter(RedactQuery())
     GracefulServer(config, drain).run()

@@ -135,3 +135,46 @@ class KeyStore:
                 "Incorrect or missing API key. Send it as 'Authorization: Bearer <key>'."
             )
         return found
+
+
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+
+
+class HostAllowList:
+    """The host names the gateway answers to, checked on ``Host`` and on ``Origin`` when a browser sends one.
+
+    An open gateway (no API keys) on loopback is still reachable from a web page: DNS rebinding points the page's
+    own domain at 127.0.0.1, and the request arrives with that domain as its Host. So with no keys only the
+    loopback names are accepted unless the operator lists others; with keys (a page cannot know them) any.
+    """
+
+    def __init__(self, hosts: list[str] | None, keys_enabled: bool) -> None:
+        if hosts is None:
+            hosts = ["*"] if keys_enabled else list(LOOPBACK_HOSTS)
+        self.any = "*" in hosts
+        self.hosts = frozenset(h.lower().strip("[]") for h in hosts)
+
+    def allows(self, host: str) -> bool:
+        """``host`` as in a Host header (``name[:port]``, ``[v6]:port``)."""
+        if self.any:
+            return True
+        name = host.rsplit("]", 1)[0].lstrip("[") if host.startswith("[") else host.rsplit(":", 1)[0]
+        return name.lower() in self.hosts
+
+    def check(self, host: str | None, origin: str | None) -> None:
+        if self.any:
+            return
+        if host is None or not self.allows(host):
+            raise PermissionDeniedError(
+                f"this gateway does not answer to the host {host!r} (allowed_hosts)", code="host_not_allowed"
+            )
+        if origin is not None and origin != "null":
+            netloc = origin.split("://", 1)[-1].split("/", 1)[0]
+            if not self.allows(netloc):
+                raise PermissionDeniedError(
+                    f"requests from the web origin {origin!r} are not accepted", code="origin_not_allowed"
+                )
+        elif origin == "null":
+            raise PermissionDeniedError(
+                "requests from an opaque web origin are not accepted", code="origin_not_allowed"
+            )

@@ -51,10 +51,53 @@ def install(app: FastAPI) -> None:
         app.add_exception_handler(kind, handler)
 
 
+# OpenAI request bodies nest a handful of levels (tool schemas a few more); a ~1,000-level body exhausts the
+# recursion of whatever walks it next (validation, re-encoding for the upstream).
+MAX_JSON_DEPTH = 64
+
+
 def parse_json(body: bytes) -> Any:
+    """The request body as JSON, refused (400) when it is not JSON, nests deeper than :data:`MAX_JSON_DEPTH`, or
+    holds a string that is not valid Unicode (a lone surrogate escape, which no encoder downstream accepts)."""
     from alignpro.errors import InvalidRequestError
 
     try:
-        return json.loads(body)
+        data = json.loads(body)
+        problem = _check_tree(data)
+    except RecursionError:
+        problem = "too_deep"
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidRequestError(f"the request body is not valid JSON: {exc}", code="invalid_json") from exc
+    if problem == "too_deep":
+        raise InvalidRequestError(
+            f"the request body nests more than {MAX_JSON_DEPTH} levels deep", code="invalid_json"
+        )
+    if problem is not None:
+        raise InvalidRequestError(
+            f"the request body holds an invalid Unicode string (a lone surrogate) at {problem}",
+            code="invalid_unicode",
+        )
+    return data
+
+
+def _check_tree(data: Any) -> str | None:
+    """'too_deep', the path of the first string that cannot be encoded, or None; iterative (no recursion)."""
+    todo: list[tuple[Any, int, str]] = [(data, 0, "")]
+    while todo:
+        node, depth, path = todo.pop()
+        if isinstance(node, str):
+            if not node.isascii():
+                try:
+                    node.encode()
+                except UnicodeEncodeError:
+                    return path or "the top level"
+        elif isinstance(node, dict | list):
+            if depth >= MAX_JSON_DEPTH:
+                return "too_deep"
+            items = node.items() if isinstance(node, dict) else enumerate(node)
+            for k, v in items:
+                sub = f"{path}.{k}" if path else str(k)
+                todo.append((v, depth + 1, sub))
+                if isinstance(k, str):
+                    todo.append((k, depth + 1, sub))
+    return None

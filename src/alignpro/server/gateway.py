@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -57,6 +58,8 @@ if TYPE_CHECKING:
     from alignpro.scoring.rewards import RewardFn
 
 Api = Literal["chat", "completion", "responses"]
+log = logging.getLogger(__name__)
+
 # What mode `optimal` estimates R with unless the caller names a reward (alignpro.prompter.optimal loads it).
 DEFAULT_REWARD = "safe-and-helpful"
 
@@ -104,7 +107,9 @@ class Gateway:
         self.cache: RewriteCache | None = None
         if size > 0:
             self.cache = (
-                RedisRewriteCache(self.shared, size, ttl) if self.shared else MemoryRewriteCache(size, ttl)
+                RedisRewriteCache(self.shared, size, ttl)
+                if self.shared
+                else MemoryRewriteCache(size, ttl, settings.rewrite_cache_bytes)
             )
         self.keys = KeyStore.from_settings(settings.api_keys, settings.api_keys_file)
         self.limiter = KeyLimiter.from_settings(settings, RedisBuckets(self.shared) if self.shared else None)
@@ -199,6 +204,29 @@ class Gateway:
         return mode, contract
 
     @staticmethod
+    def _check_fields(
+        route: Route, extras: dict[str, Any] | None, messages: list[ChatMessage] | None = None
+    ) -> None:
+        """Refuse request fields and content parts the alias's engine does not take (see :class:`Engine`)."""
+        engine = route.engine
+        unknown = sorted(set(extras or ()) - engine.extra_fields)
+        if unknown:
+            raise InvalidRequestError(
+                f"Unrecognized request argument supplied: {', '.join(unknown)}",
+                param=unknown[0],
+                code="unsupported_parameter",
+            )
+        for i, m in enumerate(messages or ()):
+            kinds = {str(p.get("type")) for p in m.content} if isinstance(m.content, list) else set()
+            if kinds - engine.content_types:
+                raise InvalidRequestError(
+                    f"the model '{route.alias}' takes no content parts of type "
+                    f"{', '.join(sorted(kinds - engine.content_types))}",
+                    param=f"messages.{i}.content",
+                    code="unsupported_content",
+                )
+
+    @staticmethod
     def _screened(route: Route, mode: Mode, unread: str | None, code: str, param: str, allowed: bool) -> None:
         """An aligned alias answers only what its prompter read: ``unread`` (what it could not read, if any) is
         refused unless the alias ``allowed`` it."""
@@ -247,16 +275,23 @@ class Gateway:
         return h
 
     async def _apply_prompter(
-        self, route: Route, text: str | None, mode: Mode, contract: Contract, context: Context = ()
+        self,
+        route: Route,
+        text: str | None,
+        mode: Mode,
+        contract: Contract,
+        context: Context = (),
+        scope: str = "",
     ) -> Rewrite:
-        """The prompter stage of ``route`` on ``text`` (timed and counted); no text or mode ``off``: nothing."""
+        """The prompter stage of ``route`` on ``text`` (timed and counted); no text or mode ``off``: nothing.
+        ``scope`` (the caller's id) keeps cached rewrites apart per caller."""
         if text is None or not text.strip() or mode == "off":
             info = AlignProInfo(mode=mode, contract=None if mode == "off" else contract, original_prompt=text)
             if mode != "off":
                 info.fallback = "no_text"
             return Rewrite(info, text or "")
         with self.tracing.span("alignpro.prompter", alias=route.alias, mode=mode) as span:
-            rw = await route.stage.rewrite(text, mode, contract, context)
+            rw = await route.stage.rewrite(text, mode, contract, context, scope)
             how = "cached" if rw.info.cached else outcome(rw.info)
             if span is not None:
                 span.set_attribute("outcome", how)
@@ -274,6 +309,7 @@ class Gateway:
         mode: Mode,
         contract: Contract,
         signals: list[str] | None = None,
+        scope: str = "",
     ) -> tuple[dict[int, Rewrite], Rewrite]:
         """The conversation contract (README, "Conversations and agents") on the turns ``chat``: the rewrites to
         put in place, by message index, and the newest user turn's (what the ``alignpro`` object reports).
@@ -298,7 +334,7 @@ class Gateway:
             outs = await asyncio.gather(
                 *(
                     self._apply_prompter(
-                        route, chat[i].text(), mode, contract, _context(chat, i, conv.context_turns)
+                        route, chat[i].text(), mode, contract, _context(chat, i, conv.context_turns), scope
                     )
                     for i in targets
                 )
@@ -320,10 +356,11 @@ class Gateway:
         mode: Mode,
         contract: Contract,
         signals: list[str] | None = None,
+        scope: str = "",
     ) -> tuple[list[dict[str, Any]], Rewrite]:
         """The messages of ``chat`` with the conversation contract applied; every message it does not rewrite
         goes upstream exactly as received."""
-        applied, rw = await self._rewrite_turns(route, chat, mode, contract, signals)
+        applied, rw = await self._rewrite_turns(route, chat, mode, contract, signals, scope)
         messages = [m.wire() for m in chat]
         for i, out in applied.items():
             _apply(messages, i, out)
@@ -337,9 +374,12 @@ class Gateway:
         route = self.route(req.model, who)
         self._check_messages(req.messages)
         self._check_caps(req.n, req.output_limit())
+        self._check_fields(route, req.model_extra, req.messages)
         mode, contract = self._mode(route, req.alignpro, who)
         self._screen_chat(route, mode, req.messages)
-        messages, rw = await self._prompt_messages(route, req.messages, mode, contract, req.agent_signals())
+        messages, rw = await self._prompt_messages(
+            route, req.messages, mode, contract, req.agent_signals(), who.id
+        )
         call.prompted(route.alias, rw.info, rw.sent_text())
         body = req.upstream_payload(route.upstream_model, messages=messages)
         return await self._forward(route, who, call, rw.info, body, req.stream, kind="chat")
@@ -350,6 +390,7 @@ class Gateway:
         call = call or Call("in-process")
         route = self.route(req.model, who)
         self._check_caps(req.n, req.output_limit(), req.prompts())
+        self._check_fields(route, req.model_extra)
         mode, contract = self._mode(route, req.alignpro, who)
         text = req.text()
         self._screened(
@@ -368,7 +409,7 @@ class Gateway:
             "prompt",
             route.cfg.prompter.allow_unscreened,
         )
-        rw = await self._apply_prompter(route, text, mode, contract)
+        rw = await self._apply_prompter(route, text, mode, contract, scope=who.id)
         # A completion has one length field upstream (max_tokens); max_completion_tokens is its chat name.
         replace: dict[str, Any] = {"max_tokens": req.output_limit()} if req.max_completion_tokens else {}
         if rw.info.rewritten:
@@ -398,7 +439,7 @@ class Gateway:
         # `instructions` is the caller's system prompt, screened like a system message
         system = [ChatMessage(role="system", content=req.instructions)] if req.instructions else []
         self._screen_chat(route, mode, system + turns)
-        applied, rw = await self._rewrite_turns(route, turns, mode, contract, req.agent_signals())
+        applied, rw = await self._rewrite_turns(route, turns, mode, contract, req.agent_signals(), who.id)
         call.prompted(route.alias, rw.info, rw.sent_text())
         body = req.upstream_payload(route.upstream_model, **_responses_input(req, applied))
         return await self._forward(route, who, call, rw.info, body, req.stream, kind="responses")
@@ -476,17 +517,23 @@ class Gateway:
             self.metrics.errors.labels(exc.type).inc()
             for end in stream_error(exc.to_dict()["error"], responses):
                 yield end
+        except Exception:  # a bug or an engine failure mid-stream: the client still gets an end
+            log.exception("stream relay failed")
+            self.metrics.errors.labels("internal_error").inc()
+            internal = {"message": "internal error", "type": "internal_error", "param": None, "code": None}
+            for end in stream_error(internal, responses):
+                yield end
         finally:
             await rest.aclose()  # type: ignore[attr-defined]
             self._frozen_done(route, call, start)
 
     async def _count_usage(self, alias: str, who: Principal, usage: Any) -> None:
+        """Count the usage an upstream reported; what is not a non-negative integer counts as 0 (a counter cannot
+        go down, and the answer the work paid for must not fail over the upstream's bookkeeping)."""
         if isinstance(usage, dict):
             # chat and completions count prompt/completion tokens; the Responses API input/output tokens
-            prompt, completion = (
-                int(usage.get("prompt_tokens") or usage.get("input_tokens") or 0),
-                int(usage.get("completion_tokens") or usage.get("output_tokens") or 0),
-            )
+            prompt = _tokens(usage.get("prompt_tokens")) or _tokens(usage.get("input_tokens"))
+            completion = _tokens(usage.get("completion_tokens")) or _tokens(usage.get("output_tokens"))
             self.metrics.tokens.labels(alias, "prompt").inc(prompt)
             self.metrics.tokens.labels(alias, "completion").inc(completion)
             await self.limiter.charge_tokens(who, prompt + completion)
@@ -514,7 +561,7 @@ class Gateway:
         if (req.prompt is None) == (req.messages is None):
             raise InvalidRequestError("give exactly one of prompt or messages", param="prompt")
         if req.prompt is not None:
-            rw = await self._apply_prompter(route, req.prompt, mode, contract)
+            rw = await self._apply_prompter(route, req.prompt, mode, contract, scope=who.id)
             call.prompted(route.alias, rw.info, rw.sent_text())
             prompt = rw.sent_text()
             return RewriteResponse(model=req.model, prompt=prompt, alignpro=rw.info)
@@ -522,7 +569,7 @@ class Gateway:
         if not req.messages:
             raise InvalidRequestError("messages must not be empty", param="messages")
         self._check_messages(req.messages)
-        messages, rw = await self._prompt_messages(route, req.messages, mode, contract)
+        messages, rw = await self._prompt_messages(route, req.messages, mode, contract, scope=who.id)
         call.prompted(route.alias, rw.info, rw.sent_text())
         return RewriteResponse(
             model=req.model, messages=[ChatMessage.model_validate(m) for m in messages], alignpro=rw.info
@@ -602,6 +649,10 @@ def _split_event(event: bytes) -> tuple[bytes, bytes]:
         end = event.find(b"\n") + 1
         head, event = event[:end], event[end:]
     return head, event[len(b"data: ") :] if event.startswith(b"data: ") else b""
+
+
+def _tokens(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 
 
 def _event_json(event: bytes) -> dict[str, Any]:

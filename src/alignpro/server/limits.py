@@ -25,7 +25,7 @@ from typing import Protocol
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from alignpro.errors import AlignProError, RateLimitError, UpstreamUnavailableError
-from alignpro.server.auth import KeyStore, Principal
+from alignpro.server.auth import HostAllowList, KeyStore, Principal
 from alignpro.server.errors import error_response
 from alignpro.server.shutdown import Drain
 from alignpro.settings import Settings
@@ -174,11 +174,19 @@ class KeyLimiter:
 class Admission:
     """ASGI middleware: drain check, API key, per-key limits; the caller goes to ``scope['state']``."""
 
-    def __init__(self, app: ASGIApp, keys: KeyStore, limiter: KeyLimiter, drain: Drain) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        keys: KeyStore,
+        limiter: KeyLimiter,
+        drain: Drain,
+        hosts: HostAllowList | None = None,
+    ) -> None:
         self.app = app
         self.keys = keys
         self.limiter = limiter
         self.drain = drain
+        self.hosts = hosts or HostAllowList(["*"], keys.enabled)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
@@ -192,11 +200,12 @@ class Admission:
                     code="shutting_down",
                     headers={"connection": "close", "retry-after": "1"},
                 )
-            auth = None
+            wanted: dict[bytes, str | None] = {b"authorization": None, b"host": None, b"origin": None}
             for name, value in scope["headers"]:
-                if name == b"authorization":
-                    auth = value.decode("latin-1")
-                    break
+                if name in wanted and wanted[name] is None:
+                    wanted[name] = value.decode("latin-1")
+            self.hosts.check(wanted[b"host"], wanted[b"origin"])
+            auth = wanted[b"authorization"]
             principal = self.keys.authenticate(auth)
             if scope["path"].startswith("/v1/") or scope["path"] == "/tokenize":
                 limits = self.limiter.limits(principal)

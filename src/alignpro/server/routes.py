@@ -11,7 +11,9 @@ closures over its own objects.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, FastAPI, Request
@@ -20,7 +22,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from alignpro.errors import AlignProError, PayloadTooLargeError, UpstreamUnavailableError
+from alignpro.errors import (
+    AlignProError,
+    PayloadTooLargeError,
+    PermissionDeniedError,
+    RequestTimeoutError,
+    UnsupportedMediaTypeError,
+    UpstreamUnavailableError,
+)
 from alignpro.protocol import (
     ChatCompletion,
     ChatCompletionRequest,
@@ -46,7 +55,7 @@ api_router = APIRouter()
 ops_router = APIRouter()
 
 ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 413, 422, 429, 502, 503, 504)
+    code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 408, 413, 415, 422, 429, 502, 503, 504)
 }
 # The request models of the routes that read their body themselves (see :func:`add_body_schemas`).
 BODY_MODELS: tuple[type[BaseModel], ...] = (
@@ -87,27 +96,76 @@ def _call(request: Request) -> Call:
 
 
 # ------------------------------------------------------------------------------------------- bodies
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refusing more than ``limit`` bytes without reading them all."""
+async def read_body(request: Request, limit: int, timeout_s: float | None = None) -> bytes:
+    """The request body, refusing more than ``limit`` bytes without reading them all, and a client that takes
+    over ``timeout_s`` seconds to send it (a slow-body attack holds a connection and its buffers)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLargeError(f"the request body is over the {limit}-byte limit")
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLargeError(f"the request body is over the {limit}-byte limit")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLargeError(f"the request body is over the {limit}-byte limit")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise RequestTimeoutError(
+            f"the request body did not arrive within {timeout_s:g} s", headers={"connection": "close"}
+        ) from None
     return b"".join(chunks)
+
+
+def _check_json(request: Request) -> None:
+    """Bodies must be declared JSON. A web page can send text/plain, form data or an untyped blob to any origin
+    without a CORS preflight; only JSON needs one, which this server never grants (cross-site request forgery)."""
+    kind = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if kind != "application/json" and not kind.endswith("+json"):
+        raise UnsupportedMediaTypeError(
+            f"the request body must be JSON sent as 'Content-Type: application/json' (got {kind or 'none'!r})"
+        )
 
 
 async def _read(request: Request, model: type[Body]) -> Body:
     """The request body as ``model``; the alias it names is kept for the access log and the metrics."""
     settings: Settings = request.app.state.settings
-    req = model.model_validate(errors.parse_json(await read_body(request, settings.max_body_bytes)))
+    _check_json(request)
+    body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s)
+    req = model.model_validate(errors.parse_json(body))
     request.state.alias = req.model
     return req
+
+
+T = TypeVar("T")
+CLIENT_GONE = (
+    499  # nginx's status for "the client closed the connection before the answer": logged, never sent
+)
+
+
+async def _unless_gone(request: Request, work: Awaitable[T]) -> T | Response:
+    """``work``, cancelled when the client disconnects first: the prompter and a non-streaming upstream call stop
+    with it (a stream's relay is closed by its own response when the client leaves)."""
+
+    async def gone() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    task, watch = asyncio.ensure_future(work), asyncio.ensure_future(gone())
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # this request was cancelled itself (shutdown): so is its work
+        task.cancel()
+        raise
+    finally:
+        watch.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return Response(status_code=CLIENT_GONE)
 
 
 def _respond(reply: Reply) -> Response:
@@ -154,19 +212,25 @@ def _post(path: str, body: type[BaseModel], response: type[BaseModel] | None) ->
 @_post("/v1/chat/completions", ChatCompletionRequest, ChatCompletion)
 async def chat_completions(request: Request) -> Response:
     req = await _read(request, ChatCompletionRequest)
-    return _respond(await _gateway(request).chat(req, _principal(request), _call(request)))
+    reply = await _unless_gone(request, _gateway(request).chat(req, _principal(request), _call(request)))
+    return reply if isinstance(reply, Response) else _respond(reply)
 
 
 @_post("/v1/completions", CompletionRequest, Completion)
 async def completions(request: Request) -> Response:
     req = await _read(request, CompletionRequest)
-    return _respond(await _gateway(request).completion(req, _principal(request), _call(request)))
+    reply = await _unless_gone(
+        request, _gateway(request).completion(req, _principal(request), _call(request))
+    )
+    return reply if isinstance(reply, Response) else _respond(reply)
 
 
 @_post("/v1/alignpro/rewrite", RewriteRequest, RewriteResponse)
-async def rewrite(request: Request) -> RewriteResponse:
+async def rewrite(request: Request) -> RewriteResponse | Response:
     req = await _read(request, RewriteRequest)
-    return await _gateway(request).rewrite_only(req, _principal(request), _call(request))
+    return await _unless_gone(
+        request, _gateway(request).rewrite_only(req, _principal(request), _call(request))
+    )
 
 
 @_post("/v1/responses", ResponsesRequest, None)
@@ -178,13 +242,15 @@ async def responses(request: Request) -> Response:
 @_post("/v1/embeddings", EmbeddingRequest, None)
 async def embeddings(request: Request) -> Response:
     req = await _read(request, EmbeddingRequest)
-    return JSONResponse(await _gateway(request).relay(req, _principal(request)))
+    answer = await _unless_gone(request, _gateway(request).relay(req, _principal(request)))
+    return answer if isinstance(answer, Response) else JSONResponse(answer)
 
 
 @_post("/tokenize", TokenizeRequest, None)
 async def tokenize(request: Request) -> Response:
     req = await _read(request, TokenizeRequest)
-    return JSONResponse(await _gateway(request).relay(req, _principal(request)))
+    answer = await _unless_gone(request, _gateway(request).relay(req, _principal(request)))
+    return answer if isinstance(answer, Response) else JSONResponse(answer)
 
 
 @api_router.get("/v1/models", response_model=ModelList, responses=ERRORS)
@@ -212,7 +278,14 @@ async def ready(request: Request) -> Response:
     return JSONResponse({"status": "ready", "engines": engines})
 
 
-@ops_router.get("/metrics")
+@ops_router.get("/metrics", responses=ERRORS)
 async def metrics(request: Request) -> Response:
+    # The metrics count every alias (and its traffic): a key limited to some aliases is a tenant, not an
+    # operator, and must not learn the others.
+    if _principal(request).aliases is not None:
+        raise PermissionDeniedError(
+            "the metrics cover every model: they need a key that is not limited to some models",
+            code="metrics_not_allowed",
+        )
     served: Metrics = request.app.state.metrics
     return Response(generate_latest(served.registry), media_type=CONTENT_TYPE_LATEST)

@@ -5,7 +5,10 @@ It answers like an instant OpenAI server, except for what the request's ``model`
     ok            a normal answer (streaming too)
     say-<text>    a normal answer whose content is <text> (a scripted prompter output, KEEP say)
     echo          answers with the text of the last message (a prompter that keeps every request as it is)
-    slow-<s>      sleep <s> seconds before answering
+    slow-<s>      sleep <s> seconds before answering (``waits`` counts "finished" and "left": the client went away)
+    leak-<n>      answer HTTP <n> with an error message that holds the Authorization header it got, a traceback
+                  and a connection string (an upstream whose errors must not reach clients)
+    negusage      a normal answer (streaming too) whose usage has negative token counts
     status-<n>    answer HTTP <n> with an OpenAI error body
     badjson       200 with a body that is not JSON
     dropstream    start a stream, send one chunk, then cut the connection
@@ -56,6 +59,9 @@ def _chunk(model: str, content: str | None, finish: str | None = None) -> bytes:
     return b"data: " + json.dumps(body).encode() + b"\n\n"
 
 
+NEGATIVE_USAGE = {"prompt_tokens": -5, "completion_tokens": -1, "total_tokens": -6}
+
+
 def _last_text(body: dict[str, Any]) -> str:
     messages = body.get("messages") or [{"content": body.get("prompt")}]
     content = messages[-1].get("content")
@@ -67,6 +73,7 @@ class FaultInjector:
         self.port = port
         self.received: Counter[str] = Counter()
         self.streams: Counter[str] = Counter()  # slowstream outcomes: "finished" | "abandoned"
+        self.waits: Counter[str] = Counter()  # slow-<s> outcomes: "finished" | "left"
         self.last_bodies: list[dict[str, Any]] = []
         self.last_headers: list[dict[str, str]] = []  # of the requests in last_bodies
         self.roots: dict[
@@ -114,7 +121,15 @@ class FaultInjector:
         self.last_bodies.append(body)
         self.last_headers.append(dict(request.headers))
         if model.startswith("slow-"):
-            await asyncio.sleep(float(model.split("-", 1)[1]))
+            if not await self._wait(request, float(model.split("-", 1)[1])):
+                return Response(status_code=499)
+        elif model.startswith("leak-"):
+            status = int(model.split("-", 1)[1])
+            leak = (
+                f"bad key {request.headers.get('authorization')!r}; Traceback (most recent call last):\n"
+                '  File "/srv/app.py", line 3, in handler\nconnect postgres://admin:hunter2@db:5432/prod'
+            )
+            return JSONResponse({"error": {"message": leak, "type": "injected"}}, status_code=status)
         elif model.startswith("status-"):
             status = int(model.split("-", 1)[1])
             err = {"message": f"injected {status}", "type": "injected", "param": None, "code": "injected"}
@@ -137,7 +152,21 @@ class FaultInjector:
             )
         if model == "echo":
             return JSONResponse(_chat(model, _last_text(body)))
-        return JSONResponse(_chat(model, model[4:] if model.startswith("say-") else "ok"))
+        answer = _chat(model, model[4:] if model.startswith("say-") else "ok")
+        if model == "negusage":
+            answer["usage"] = NEGATIVE_USAGE
+        return JSONResponse(answer)
+
+    async def _wait(self, request: Request, seconds: float) -> bool:
+        """Sleep ``seconds``, or less if the client goes away first (False, counted as "left")."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if await request.is_disconnected():
+                self.waits["left"] += 1
+                return False
+            await asyncio.sleep(0.05)
+        self.waits["finished"] += 1
+        return True
 
     async def _stream(self, model: str, drop: bool) -> Any:
         yield _chunk(model, "o")
@@ -145,6 +174,14 @@ class FaultInjector:
             raise ConnectionResetError("injected: stream dropped")
         yield _chunk(model, "k")
         yield _chunk(model, None, "stop")
+        if model == "negusage":
+            usage = {
+                "id": "chatcmpl-fault",
+                "object": "chat.completion.chunk",
+                "choices": [],
+                "usage": NEGATIVE_USAGE,
+            }
+            yield b"data: " + json.dumps(usage).encode() + b"\n\n"
         yield b"data: [DONE]\n\n"
 
     async def _slow_stream(self, model: str, gap: float) -> Any:

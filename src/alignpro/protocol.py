@@ -421,5 +421,29 @@ class RewriteResponse(BaseModel):
     alignpro: AlignProInfo
 
 
+class PrompterSwap(BaseModel):
+    """``POST /admin/aliases/{alias}/prompter``: point the alias's prompter at another adapter, loaded first if
+    ``path`` is given."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(
+        ..., min_length=1, description="The adapter's name on the prompter engine (a new version)."
+    )
+    path: str | None = Field(
+        None,
+        min_length=1,
+        description="Where the prompter engine (vLLM) loads it from; none = already loaded.",
+    )
+
+
+class PrompterSwapResult(BaseModel):
+    alias: str
+    previous: str | None
+    model: str
+    fingerprint: str
+    loaded_on: list[str]
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"

@@ -192,6 +192,7 @@ class ApiKeyConfig(BaseModel):
     rate_limit_rpm: float | None = Field(None, ge=0, description="Requests per minute (0 = unlimited).")
     rate_limit_tpm: float | None = Field(None, ge=0, description="Tokens per minute (0 = unlimited).")
     max_concurrent: int | None = Field(None, ge=0, description="Concurrent requests (0 = unlimited).")
+    admin: bool = Field(False, description="May this key call the /admin routes (swap a prompter adapter)?")
 
     @field_validator("key")
     @classmethod

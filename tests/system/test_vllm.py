@@ -17,6 +17,7 @@ Greedy decoding (temperature 0) makes "the same as vLLM directly" an exact compa
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import time
@@ -465,3 +466,87 @@ def test_responses_stream_through_the_gateway(client: openai.OpenAI) -> None:
     assert last.type in ("response.completed", "response.incomplete")
     text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
     assert text and text == last.response.output_text
+
+
+# ---------------------------------------------------------------------------------------------- adapter swap
+async def test_prompter_adapter_swapped_without_a_restart(
+    vllm: Server, direct: openai.OpenAI, smollm2_dir: Path, workdir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The admin call loads a new adapter version into the running vLLM (/v1/load_lora_adapter) and moves the
+    alias to it: the next request is rewritten by the new adapter, and the cache serves nothing of the old one."""
+    from alignpro.server.app import create_app
+    from alignpro.settings import Settings
+
+    caplog.set_level(logging.INFO, logger="alignpro.audit")
+    settings = Settings(
+        engines={"vllm": {"kind": "openai", "urls": [f"{vllm.url}/v1"], "model": SERVED_MODEL}},
+        aliases={
+            "swappable": {
+                "engine": "vllm",
+                "prompter": {
+                    "mode": "adapter",
+                    "engine": "vllm",
+                    "model": ADAPTER,
+                    "temperature": 0,
+                    "max_tokens": ADAPTER_MAX_TOKENS,
+                    "fail_policy": "closed",
+                },
+            },
+            "plain": {"engine": "vllm", "prompter": {"mode": "off"}},
+        },
+        api_keys=[{"key": "sk-admin", "admin": True}, "sk-user"],
+        read_timeout_s=300,
+    )
+    v2 = make_lora_adapter(smollm2_dir, workdir / "adapter-v2", rank=8, seed=1)
+    text = "how do I bake bread?"
+    chat = {
+        "model": "swappable",
+        "messages": [{"role": "user", "content": text}],
+        "max_tokens": 2,
+        "temperature": 0,
+    }
+    admin, user = {"authorization": "Bearer sk-admin"}, {"authorization": "Bearer sk-user"}
+    app = create_app(settings)
+    http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw", timeout=TIMEOUT)
+    async with app.router.lifespan_context(app), http:
+        before = await http.post("/v1/chat/completions", json=chat, headers=user)
+        assert before.status_code == 200 and before.json()["alignpro"]["prompter"] == f"vllm/{ADAPTER}", (
+            before.text
+        )
+        swap = {"model": f"{ADAPTER}-v2", "path": str(v2)}
+        r = await http.post("/admin/aliases/swappable/prompter", json=swap, headers=user)
+        assert r.status_code == 403 and r.json()["error"]["code"] == "admin_only"
+        r = await http.post("/admin/aliases/plain/prompter", json=swap, headers=admin)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "alias"
+        r = await http.post(
+            "/admin/aliases/swappable/prompter",
+            json={"model": "x", "path": "/no/such/adapter"},
+            headers=admin,
+        )
+        assert 400 <= r.status_code < 500 and r.json()["error"]["message"], r.text
+        r = await http.post("/admin/aliases/swappable/prompter", json=swap, headers=admin)
+        assert r.status_code == 200, r.text
+        assert r.json() == {
+            "alias": "swappable",
+            "previous": ADAPTER,
+            "model": f"{ADAPTER}-v2",
+            "fingerprint": f"{ADAPTER}-v2@{v2}",
+            "loaded_on": [f"{vllm.url}/v1"],
+        }
+        after = await http.post("/v1/chat/completions", json=chat, headers=user)
+    assert after.status_code == 200, after.text
+    info = after.json()["alignpro"]
+    assert info["prompter"] == f"vllm/{ADAPTER}-v2" and after.headers.get("x-alignpro-cache") is None
+    assert f"{ADAPTER}-v2" in {m.id for m in direct.models.list().data}
+    # The rewrite is v2's: what that adapter answers directly under the prompter instruction (greedy).
+    kw: dict[str, Any] = {"messages": prompter_messages(text, "rewrite"), "max_tokens": ADAPTER_MAX_TOKENS}
+    on_v2 = direct.chat.completions.create(model=f"{ADAPTER}-v2", temperature=0, **kw)
+    expected = parse_output(on_v2.choices[0].message.content or "", on_v2.choices[0].finish_reason, text)
+    if expected.text is None:
+        assert info["fallback"] == expected.reason
+    else:
+        assert info["rewritten_prompt"] == expected.text
+    swaps = [json.loads(r.getMessage()) for r in caplog.records if '"prompter_swap"' in r.getMessage()]
+    assert [(s["alias"], s["previous"], s["model"]) for s in swaps] == [
+        ("swappable", ADAPTER, f"{ADAPTER}-v2")
+    ]

@@ -83,6 +83,16 @@ class Engine(ABC):
         """What identifies the weights behind ``model`` (an adapter's version), for caches of its outputs."""
         return model
 
+    async def load_adapter(self, name: str, path: str) -> list[str]:
+        """Load the LoRA adapter at ``path`` (as the upstream sees it) under ``name`` on every replica, without a
+        restart; the replicas that loaded it."""
+        from alignpro.errors import InvalidRequestError
+
+        raise InvalidRequestError(
+            f"engine {self.name!r} ({self.kind}) cannot load adapters at runtime; vLLM engines can",
+            param="path",
+        )
+
     def http_clients(self) -> list[httpx.AsyncClient]:
         """The HTTP clients the engine calls its upstreams with, once started (for tracing)."""
         return []

@@ -219,6 +219,30 @@ class OpenAIEngine(Engine):
                     return f"{model}@{card['root']}"
         return model
 
+    async def load_adapter(self, name: str, path: str) -> list[str]:
+        """vLLM's ``POST /v1/load_lora_adapter`` on each replica (vLLM started with
+        ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True`` and ``--enable-lora``). A replica that refuses stops the load
+        with its error; those before it keep the adapter (loading it again under a new name is harmless)."""
+        loaded: list[str] = []
+        for rep in self.replicas:
+            try:
+                resp = await self.client.post(
+                    f"{rep.url}/load_lora_adapter", json={"lora_name": name, "lora_path": path}
+                )
+            except httpx.HTTPError as exc:
+                raise UpstreamUnavailableError(
+                    f"cannot load the adapter on {rep.url}: {type(exc).__name__}"
+                ) from exc
+            if resp.status_code >= 400:
+                # FastAPI's bare 404: the route is there only with runtime LoRA updating allowed.
+                if resp.status_code == 404 and b'"detail":"Not Found"' in resp.content.replace(b" ", b""):
+                    raise UpstreamError(
+                        f"{rep.url} has no /load_lora_adapter: start vLLM with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True"
+                    )
+                raise self._refused(rep, "/load_lora_adapter", resp.status_code, resp.content, resp.headers)
+            loaded.append(rep.url)
+        return loaded
+
     def http_clients(self) -> list[httpx.AsyncClient]:
         return [self.client]
 

@@ -81,7 +81,7 @@ class Envelope:
             REQUEST_ID.reset(token)
             metrics.inflight.dec()
             route = metrics.count_request(scope, status)
-            if self.audit and scope["path"].startswith("/v1/"):
+            if self.audit and scope["path"].startswith(("/v1/", "/admin/")):
                 audit.write(call, route, status, self.audit_prompts)
 
 

@@ -39,6 +39,7 @@ class Principal:
     rate_limit_rpm: float | None = None
     rate_limit_tpm: float | None = None
     max_concurrent: int | None = None
+    admin: bool = False
 
     def may_use(self, alias: str) -> bool:
         return self.aliases is None or alias in self.aliases
@@ -94,6 +95,7 @@ def _principal(cfg: ApiKeyConfig, digest: bytes) -> Principal:
         rate_limit_rpm=cfg.rate_limit_rpm,
         rate_limit_tpm=cfg.rate_limit_tpm,
         max_concurrent=cfg.max_concurrent,
+        admin=cfg.admin,
     )
 
 

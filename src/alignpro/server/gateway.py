@@ -40,12 +40,15 @@ from alignpro.protocol import (
     Mode,
     ModelCard,
     ModelList,
+    PrompterSwap,
+    PrompterSwapResult,
     ResponsesRequest,
     RewriteRequest,
     RewriteResponse,
     TokenizeRequest,
     TurnRewrite,
 )
+from alignpro.server import audit
 from alignpro.server.audit import Call, outcome
 from alignpro.server.auth import ANONYMOUS, KeyStore, Principal
 from alignpro.server.limits import KeyLimiter
@@ -365,6 +368,43 @@ class Gateway:
         for i, out in applied.items():
             _apply(messages, i, out)
         return messages, rw
+
+    # ------------------------------------------------------------------------------------ administration
+    async def swap_prompter(
+        self, alias: str, swap: PrompterSwap, who: Principal, call: Call
+    ) -> PrompterSwapResult:
+        """Point ``alias``'s prompter at the adapter ``swap.model`` (loading it from ``swap.path`` first), without a
+        restart. Its rewrites are cached under the new adapter's fingerprint, so none of the old one's is served."""
+        if not who.admin:
+            raise PermissionDeniedError("this API key may not call the admin routes", code="admin_only")
+        route = self.routes.get(alias)
+        if route is None:
+            raise NotFoundError(f"no alias '{alias}'", param="alias")
+        cfg, engine = route.cfg.prompter, route.stage.engine
+        if cfg.mode not in ("adapter", "optimal") or engine is None:
+            raise InvalidRequestError(
+                f"alias '{alias}' does not run an adapter prompter (its mode is {cfg.mode})", param="alias"
+            )
+        loaded = await engine.load_adapter(swap.model, swap.path) if swap.path else []
+        fingerprint = await engine.fingerprint(swap.model)
+        new = cfg.model_copy(update={"model": swap.model})
+        route.cfg = route.cfg.model_copy(update={"prompter": new})
+        route.stage.cfg, route.stage.fingerprint = new, fingerprint
+        call.alias, call.mode = alias, new.mode
+        result = PrompterSwapResult(
+            alias=alias, previous=cfg.model, model=swap.model, fingerprint=fingerprint, loaded_on=loaded
+        )
+        audit.log.info(
+            json.dumps(
+                {
+                    "event": "prompter_swap",
+                    "request_id": call.request_id,
+                    "key_id": who.id,
+                    **result.model_dump(),
+                }
+            )
+        )
+        return result
 
     # ------------------------------------------------------------------------------------ requests
     async def chat(

@@ -38,6 +38,8 @@ from alignpro.protocol import (
     EmbeddingRequest,
     ErrorResponse,
     ModelList,
+    PrompterSwap,
+    PrompterSwapResult,
     ResponsesRequest,
     RewriteRequest,
     RewriteResponse,
@@ -62,6 +64,7 @@ BODY_MODELS: tuple[type[BaseModel], ...] = (
     ChatCompletionRequest,
     CompletionRequest,
     RewriteRequest,
+    PrompterSwap,
     ResponsesRequest,
     EmbeddingRequest,
     TokenizeRequest,
@@ -276,6 +279,23 @@ async def ready(request: Request) -> Response:
     except AlignProError as exc:
         return errors.error_response(exc)
     return JSONResponse({"status": "ready", "engines": engines})
+
+
+@ops_router.post(
+    "/admin/aliases/{alias}/prompter",
+    response_model=PrompterSwapResult,
+    responses=ERRORS,
+    openapi_extra=_body(PrompterSwap),
+)
+async def swap_prompter(alias: str, request: Request) -> PrompterSwapResult:
+    """Move ``alias`` to another prompter adapter (vLLM's runtime LoRA loading); needs an ``admin`` key. Each gateway
+    replica holds its own aliases: call every replica (or roll them with the new adapter in the config)."""
+    settings: Settings = request.app.state.settings
+    _check_json(request)
+    body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s)
+    swap = PrompterSwap.model_validate(errors.parse_json(body))
+    request.state.alias = alias  # the metrics label it (a configured alias, else "unknown")
+    return await _gateway(request).swap_prompter(alias, swap, _principal(request), _call(request))
 
 
 @ops_router.get("/metrics", responses=ERRORS)

@@ -93,6 +93,8 @@ def vllm_server(
         "HF_HUB_OFFLINE": "1",
         "PYTHONUNBUFFERED": "1",  # tests read the access log while the server runs
         "VLLM_NO_USAGE_STATS": "1",
+        # /v1/load_lora_adapter, which the gateway's admin call uses to swap the prompter adapter.
+        "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
         "DO_NOT_TRACK": "1",
         # /v1/responses keeps responses for previous_response_id only with its store on (in memory, unbounded:
         # fine for a test server; a deployment chooses).

@@ -176,3 +176,22 @@ async def test_tokens_per_minute_are_charged_from_usage(faults: FaultInjector) -
         assert 15 <= int(rs[-1].headers["retry-after"]) <= 21
         # Other keys are not charged.
         assert (await c.post("/v1/chat/completions", **_chat("plain", "sk-app"))).status_code == 200
+
+
+async def test_streams_are_charged_too(faults: FaultInjector) -> None:
+    """A stream whose client did not ask for usage is charged all the same (the gateway asks the upstream for it)
+    and the client does not get the usage chunk it did not ask for; one that asked gets it."""
+    async with _gateway(_settings(faults, api_keys=KEYS)) as c:
+        bodies = []
+        for _ in range(2):
+            r = await c.post("/v1/chat/completions", **_chat("plain", "sk-tokens", stream=True))
+            assert r.status_code == 200, r.text
+            bodies.append(r.text)
+        r = await c.post("/v1/chat/completions", **_chat("plain", "sk-tokens", stream=True))
+        assert r.status_code == 429 and r.json()["error"]["code"] == "token_rate_limit_exceeded"
+        assert all('"usage"' not in b and b.endswith("data: [DONE]\n\n") for b in bodies), bodies
+        asked = await c.post(
+            "/v1/chat/completions",
+            **_chat("plain", "sk-app", stream=True, stream_options={"include_usage": True}),
+        )
+        assert '"usage":{' in asked.text.replace(" ", "")

@@ -514,6 +514,11 @@ class Gateway:
             "completion": engine.completion_stream,
             "responses": engine.responses_stream,
         }
+        # A key with a token budget is charged from the stream's usage: ask the upstream for it even when the
+        # client did not, and keep that extra chunk from the client (some clients stumble on its empty choices).
+        hide_usage = kind != "responses" and self.limiter.limits(who).tpm > 0 and not _asks_usage(body)
+        if hide_usage:
+            body = {**body, "stream_options": {**(body.get("stream_options") or {}), "include_usage": True}}
         gen = streams[kind](body)
         try:
             # The span covers the stream's opening, to its first event; the rest is relayed after the route returned.
@@ -527,7 +532,9 @@ class Gateway:
             raise
         call.ttft_ms = call.since_start_ms()
         self.metrics.ttft_seconds.labels(route.alias).observe(call.ttft_ms / 1000)
-        relay = self._relay(route, who, call, info, first, gen, start, responses=kind == "responses")
+        relay = self._relay(
+            route, who, call, info, first, gen, start, responses=kind == "responses", hide_usage=hide_usage
+        )
         return Reply(info, headers, stream=relay)
 
     def _frozen_done(self, route: Route, call: Call, start: float) -> None:
@@ -545,13 +552,18 @@ class Gateway:
         rest: AsyncIterator[bytes],
         start: float,
         responses: bool = False,
+        hide_usage: bool = False,
     ) -> AsyncIterator[bytes]:
-        """The stream to the client: the first event with ``alignpro`` added, the others as they come."""
+        """The stream to the client: the first event with ``alignpro`` added, the others as they come
+        (``hide_usage``: less the usage-only chunk the gateway asked for itself)."""
         try:
             yield _inject(first, self._visible(info, who))
             async for event in rest:
-                if b'"usage":{' in event:
-                    await self._count_usage(route.alias, who, _usage(_event_json(event)))
+                if b'"usage":{' in event or b'"usage": {' in event:  # compact JSON (vLLM) or not
+                    data = _event_json(event)
+                    await self._count_usage(route.alias, who, _usage(data))
+                    if hide_usage and not data.get("choices"):
+                        continue
                 yield event
         except AlignProError as exc:
             self.metrics.errors.labels(exc.type).inc()
@@ -632,6 +644,11 @@ def _optimal_sampler(route: Route, reward: str | RewardFn) -> SelectRewrite:
 
         return unavailable
     return for_stage(route.stage, route.engine, route.cfg.model, reward=reward)
+
+
+def _asks_usage(body: dict[str, Any]) -> bool:
+    options = body.get("stream_options")
+    return isinstance(options, dict) and bool(options.get("include_usage"))
 
 
 def _own_or(own: bool | None, default: bool) -> bool:

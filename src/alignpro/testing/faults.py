@@ -147,8 +147,9 @@ class FaultInjector:
             gap = float(model.split("-", 1)[1])
             return StreamingResponse(self._slow_stream(model, gap), media_type="text/event-stream")
         if body.get("stream"):
+            usage = bool((body.get("stream_options") or {}).get("include_usage"))
             return StreamingResponse(
-                self._stream(model, drop=model == "dropstream"), media_type="text/event-stream"
+                self._stream(model, drop=model == "dropstream", usage=usage), media_type="text/event-stream"
             )
         if model == "echo":
             return JSONResponse(_chat(model, _last_text(body)))
@@ -168,20 +169,20 @@ class FaultInjector:
         self.waits["finished"] += 1
         return True
 
-    async def _stream(self, model: str, drop: bool) -> Any:
+    async def _stream(self, model: str, drop: bool, usage: bool = False) -> Any:
         yield _chunk(model, "o")
         if drop:
             raise ConnectionResetError("injected: stream dropped")
         yield _chunk(model, "k")
         yield _chunk(model, None, "stop")
-        if model == "negusage":
-            usage = {
+        if model == "negusage" or usage:  # stream_options.include_usage: a last chunk with no choices
+            last: dict[str, Any] = {
                 "id": "chatcmpl-fault",
                 "object": "chat.completion.chunk",
                 "choices": [],
-                "usage": NEGATIVE_USAGE,
+                "usage": NEGATIVE_USAGE if model == "negusage" else _chat(model)["usage"],
             }
-            yield b"data: " + json.dumps(usage).encode() + b"\n\n"
+            yield b"data: " + json.dumps(last).encode() + b"\n\n"
         yield b"data: [DONE]\n\n"
 
     async def _slow_stream(self, model: str, gap: float) -> Any:

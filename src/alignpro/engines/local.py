@@ -153,6 +153,11 @@ class Generator:
         # One batch at a time: the model is not re-entrant and the CPU has nothing to spare anyway.
         self.lock = threading.Lock()
 
+    @property
+    def device(self) -> Any:
+        """Where the weights are: the CPU here; a GPU when a trainer's ``accelerate`` placed the model there."""
+        return next(self.model.parameters()).device
+
     # ------------------------------------------------------------------------------------ tokenizing
     def chat_ids(self, messages: Sequence[dict[str, Any]]) -> list[int]:
         text = self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
@@ -225,7 +230,7 @@ class Generator:
                     nxt[i] = self.pad_id  # a finished or cancelled row decodes padding
             if rows.all_finished() or step == max_steps - 1:
                 break
-            mask = torch.cat([mask, torch.ones((len(reqs), 1), dtype=torch.long)], dim=1)
+            mask = torch.cat([mask, torch.ones((len(reqs), 1), dtype=torch.long, device=mask.device)], dim=1)
             pos = pos[:, -1:] + 1
             out = self.model(
                 input_ids=nxt.unsqueeze(1),
@@ -247,14 +252,15 @@ class Generator:
             n = len(r.prompt_ids)
             ids[i, width - n :] = torch.tensor(r.prompt_ids)
             mask[i, width - n :] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
         return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
 
     def _sampling(self, reqs: list[GenRequest]) -> tuple[Any, Any, Any, list[Any]]:
         """The rows' temperatures, greedy flags, top-p values and seeded generators, as :meth:`_sample` takes them."""
         torch = self.torch
-        temps = torch.tensor([max(r.temperature, 0.0) for r in reqs]).unsqueeze(1)
+        temps = torch.tensor([max(r.temperature, 0.0) for r in reqs], device=self.device).unsqueeze(1)
         greedy = temps.squeeze(1) <= 1e-5
-        top_ps = torch.tensor([r.top_p for r in reqs]).unsqueeze(1)
+        top_ps = torch.tensor([r.top_p for r in reqs], device=self.device).unsqueeze(1)
         gens = [torch.Generator().manual_seed(r.seed) if r.seed is not None else None for r in reqs]
         return temps, greedy, top_ps, gens
 
@@ -293,7 +299,8 @@ class Generator:
         for i in range(logits.shape[0]):
             if bool(greedy[i]):
                 continue
-            j = torch.multinomial(sorted_p[i], 1, generator=gens[i])
+            # the seeded generators are CPU ones: a row on a GPU is drawn from on the CPU
+            j = int(torch.multinomial(sorted_p[i].cpu(), 1, generator=gens[i]))
             choice[i] = order[i, j]
         return choice
 

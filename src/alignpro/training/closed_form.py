@@ -24,6 +24,7 @@ supplies the data, the scorer and the evaluation. Checkpoints (:func:`save_check
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -41,6 +42,7 @@ from alignpro.prompter.instruction import prompter_messages
 from alignpro.protocol import Contract
 from alignpro.training.config import PROPOSAL_TEMPERATURE, PROPOSAL_TOP_P, ClosedFormConfig, TrainConfig
 from alignpro.training.data import Example
+from alignpro.training.dist import Dist
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +124,11 @@ class Policy:
             return end
         return int(tok.eos_token_id if tok.eos_token_id is not None else next(iter(self.gen.eos_ids)))
 
+    @property
+    def device(self) -> Any:
+        """Where the model's weights are (the CPU, or the GPU that ``accelerate`` placed it on)."""
+        return self.gen.device
+
     def trainable_parameters(self) -> list[Any]:
         return [p for p in self.model.parameters() if p.requires_grad]
 
@@ -201,11 +208,11 @@ class Policy:
             sub.rmdir()
 
 
-def completion_logprobs(policy: Policy, samples: Sequence[Sample]) -> tuple[Any, Any]:
+def completion_logprobs(policy: Policy, samples: Sequence[Sample], net: Any = None) -> tuple[Any, Any]:
     """Per-token log-probabilities of each sample's completion under the policy's current adapter state:
     ``(logp [B, L], mask [B, L])``. Rows are left-padded so every completion ends in the last column, and only
     the L positions that predict them get logits (``logits_to_keep``): the long shared prompt never meets the LM
-    head."""
+    head. ``net`` runs the forward pass (default: the policy's model; in training, its data-parallel wrapper)."""
     import torch
 
     width = max(len(s.prompt_ids) + len(s.completion_ids) for s in samples)
@@ -220,10 +227,11 @@ def completion_logprobs(policy: Policy, samples: Sequence[Sample]) -> tuple[Any,
         mask[i, width - len(seq) :] = 1
         if s.completion_ids:
             cmask[i, keep - len(s.completion_ids) :] = 1.0
+    ids, mask, cmask = ids.to(policy.device), mask.to(policy.device), cmask.to(policy.device)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     # position t predicts token t+1: the `keep` positions before the last predict the last `keep` tokens
-    predicting = torch.arange(width - keep - 1, width - 1)
-    logits = policy.model(
+    predicting = torch.arange(width - keep - 1, width - 1, device=policy.device)
+    logits = (net or policy.model)(
         input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=predicting
     ).logits.float()
     target = ids[:, width - keep :]
@@ -231,19 +239,21 @@ def completion_logprobs(policy: Policy, samples: Sequence[Sample]) -> tuple[Any,
     return lp * cmask, cmask
 
 
-def prefix_shared_logprobs(policy: Policy, samples: Sequence[Sample]) -> tuple[Any, Any]:
+def prefix_shared_logprobs(policy: Policy, samples: Sequence[Sample], net: Any = None) -> tuple[Any, Any]:
     """Like :func:`completion_logprobs` for samples of ONE prompt, cheaper: the shared prompt (all but its last
     token) runs once without gradients, its KV cache is repeated for the K completions, and only the completion
     tokens (plus the prompt's last token) run with gradients. The forward pass is exact; the gradient ignores the
-    adapter's effect on the prompt's keys and values (a truncation that costs ~10x less on a few-shot prompt)."""
+    adapter's effect on the prompt's keys and values (a truncation that costs ~10x less on a few-shot prompt).
+    ``net`` runs the forward pass with gradients (default: the policy's model)."""
     import torch
 
+    dev = policy.device
     prompt = samples[0].prompt_ids
     assert all(s.prompt_ids == prompt for s in samples)
     keep = max(len(s.completion_ids) for s in samples)
     n = len(samples)
     with torch.no_grad():
-        past = policy.model(input_ids=torch.tensor([prompt[:-1]]), use_cache=True).past_key_values
+        past = policy.model(input_ids=torch.tensor([prompt[:-1]], device=dev), use_cache=True).past_key_values
     if n > 1:
         past.batch_repeat_interleave(n)
     pad = policy.gen.pad_id
@@ -253,17 +263,18 @@ def prefix_shared_logprobs(policy: Policy, samples: Sequence[Sample]) -> tuple[A
         seq = [prompt[-1], *s.completion_ids]
         ids[i, : len(seq)] = torch.tensor(seq)
         cmask[i, : len(s.completion_ids)] = 1.0
+    ids, cmask = ids.to(dev), cmask.to(dev)
     p = len(prompt) - 1
-    attn = torch.ones((n, p + keep + 1), dtype=torch.long)
+    attn = torch.ones((n, p + keep + 1), dtype=torch.long, device=dev)
     attn[:, p + 1 :] = (cmask > 0).long()  # right padding of the completions is masked out
-    pos = torch.arange(p, p + keep + 1).unsqueeze(0).expand(n, -1)
+    pos = torch.arange(p, p + keep + 1, device=dev).unsqueeze(0).expand(n, -1)
     # the last position predicts nothing we score: no LM head there (half the work for one-token rewrites)
-    logits = policy.model(
+    logits = (net or policy.model)(
         input_ids=ids,
         attention_mask=attn,
         position_ids=pos,
         past_key_values=past,
-        logits_to_keep=torch.arange(keep),
+        logits_to_keep=torch.arange(keep, device=dev),
     ).logits.float()
     lp = torch.log_softmax(logits, dim=-1).gather(2, ids[:, 1:].unsqueeze(2)).squeeze(2)
     return lp * cmask, cmask
@@ -272,6 +283,16 @@ def prefix_shared_logprobs(policy: Policy, samples: Sequence[Sample]) -> tuple[A
 def weighted_nll(policy: Policy, samples: Sequence[Sample], shared_prefix: bool = False) -> Any:
     """``sum_i w_i * NLL_i / sum_i w_i * len_i``: the weighted MLE loss, per rewrite token, on the rewrite tokens
     only (the prompt is context). ``shared_prefix`` uses :func:`prefix_shared_logprobs` per prompt."""
+    num, den = weighted_nll_terms(policy, samples, shared_prefix)
+    return num / den.clamp(min=1e-6)
+
+
+def weighted_nll_terms(
+    policy: Policy, samples: Sequence[Sample], shared_prefix: bool = False, net: Any = None
+) -> tuple[Any, Any]:
+    """:func:`weighted_nll`'s numerator ``sum_i w_i * NLL_i`` (with gradients) and denominator
+    ``sum_i w_i * len_i`` (a constant): data-parallel ranks sum both over the global batch before dividing.
+    ``net`` runs the forward passes with gradients (default: the policy's model)."""
     import torch
 
     policy.model.set_adapter(POLICY)
@@ -280,15 +301,15 @@ def weighted_nll(policy: Policy, samples: Sequence[Sample], shared_prefix: bool 
         for smp in samples:
             by_prompt.setdefault(tuple(smp.prompt_ids), []).append(smp)
         ordered = [smp for group in by_prompt.values() for smp in group]
-        parts = [prefix_shared_logprobs(policy, group) for group in by_prompt.values()]
+        parts = [prefix_shared_logprobs(policy, group, net) for group in by_prompt.values()]
         nll = torch.cat([-lp.sum(1) for lp, _ in parts])
         lens = torch.cat([m.sum(1) for _, m in parts])
-        w = torch.tensor([smp.weight for smp in ordered], dtype=torch.float32)
-        return (w * nll).sum() / (w * lens).sum().clamp(min=1e-6)
-    lp, cmask = completion_logprobs(policy, samples)
+        w = torch.tensor([smp.weight for smp in ordered], dtype=torch.float32, device=nll.device)
+        return (w * nll).sum(), (w * lens).sum()
+    lp, cmask = completion_logprobs(policy, samples, net)
     nll = -lp.sum(1)
-    w = torch.tensor([s.weight for s in samples], dtype=torch.float32)
-    return (w * nll).sum() / (w * cmask.sum(1)).sum().clamp(min=1e-6)
+    w = torch.tensor([s.weight for s in samples], dtype=torch.float32, device=nll.device)
+    return (w * nll).sum(), (w * cmask.sum(1)).sum()
 
 
 def importance_weights(
@@ -368,13 +389,23 @@ def train_closed_form(
     progress: bool = True,
     engine_sampler: EngineSampler | None = None,
     reuse_samples: bool = False,
+    dist: Dist | None = None,
 ) -> dict[str, Any]:
     """Run the closed-form trainer; returns summary metrics. ``resume`` is the state of a checkpoint;
     ``reuse_samples`` reads already scored rounds from ``samples.jsonl`` (a resumed run, or a refit of saved samples
     at another ``lam``: their weights are recomputed). The summary has each round's ESS (mean and min over prompts) for
-    the rounds this call drew or reweighed."""
+    the rounds this call drew or reweighed.
+
+    Under ``accelerate launch`` (``dist``: this process's rank of several) every rank calls this alike with the same
+    ``train``. Rank r draws and scores the rewrites of ``train[r::world]`` (its frozen requests go out from it), then
+    every rank gathers all the scored rounds, so that each holds the same weighted set in the same order as one
+    process would. The fit is data-parallel: each optimizer step takes ``prompts_per_step * world`` prompts in the
+    seeded order (``prompts_per_step`` is per process, like TRL's per-device batch), rank r fits every world-th of
+    them, and the ranks' gradients are averaged by DDP on a loss normalised by the global batch's weighted token
+    count, which makes the step one process's step on the whole global batch. Only rank 0 writes ``samples.jsonl``
+    and checkpoints, and estimates KL (``log_fn`` should be rank 0's alone)."""
     cfg.check_proposal()  # a config mutated after construction must not slip a biased proposal through
-    loop = _Loop(cfg, policy, train, score, out_dir, log_fn, progress, engine_sampler)
+    loop = _Loop(cfg, policy, train, score, out_dir, log_fn, progress, engine_sampler, dist or Dist())
     if resume:
         loop.restore(resume)
     state = loop.state
@@ -390,15 +421,18 @@ def train_closed_form(
         summary = {"steps": state["step"], "rounds": rnd + 1}
     summary["ess_per_round"] = {str(r): e["ess_mean"] for r, e in sorted(loop.ess.items())}
     summary["ess_min_per_round"] = {str(r): e["ess_min"] for r, e in sorted(loop.ess.items())}
-    summary["kl_final"] = estimate_kl(policy, loop.probe, cfg, -1)
-    log_fn({"event": "final", "step": state["step"], "kl": summary["kl_final"]})
+    if loop.dist.main:
+        summary["kl_final"] = estimate_kl(policy, loop.probe, cfg, -1)
+        log_fn({"event": "final", "step": state["step"], "kl": summary["kl_final"]})
     return summary
 
 
 @dataclass
 class _Loop:
     """One closed-form run's moving parts: the policy with its optimiser, and the loop's position (``state``: round,
-    epoch, batch within the epoch, optimizer step) that a checkpoint saves with the RNG states."""
+    epoch, batch within the epoch, optimizer step) that a checkpoint saves with the RNG states. The model and the
+    optimiser go through accelerate's ``prepare``: on one CPU process they stay as they are; on a GPU the model moves
+    there; with several processes ``net`` is the DDP wrapper whose backward averages the ranks' gradients."""
 
     cfg: ClosedFormConfig
     policy: Policy
@@ -408,18 +442,24 @@ class _Loop:
     log_fn: Hook
     progress: bool
     engine_sampler: EngineSampler | None
+    dist: Dist
     state: dict[str, int] = field(default_factory=lambda: {"round": 0, "epoch": 0, "batch": 0, "step": 0})
     params: list[Any] = field(init=False)
     opt: Any = field(init=False)
+    accelerator: Any = field(init=False)
+    net: Any = field(init=False)  # what runs the training forward pass: the model, or its DDP wrapper
     rng: random.Random = field(init=False)
     probe: list[Example] = field(init=False)
     ess: dict[int, dict[str, float]] = field(default_factory=dict)  # per round: ess_mean, ess_min, ess_frac
 
     def __post_init__(self) -> None:
         import torch
+        from accelerate import Accelerator
 
         self.params = self.policy.trainable_parameters()
-        self.opt = torch.optim.AdamW(self.params, lr=self.cfg.learning_rate, weight_decay=0.0)
+        opt = torch.optim.AdamW(self.params, lr=self.cfg.learning_rate, weight_decay=0.0)
+        self.accelerator = Accelerator()
+        self.net, self.opt = self.accelerator.prepare(self.policy.model, opt)
         self.rng = random.Random(self.cfg.seed)
         self.probe = list(self.train[: self.cfg.kl_probe_prompts])
 
@@ -433,7 +473,8 @@ class _Loop:
         torch.set_rng_state(resume["torch_rng"])
 
     def checkpoint(self) -> None:
-        save_checkpoint(self.out_dir, self.policy, self.opt, self.state, self.rng)
+        if self.dist.main:
+            save_checkpoint(self.out_dir, self.policy, self.opt, self.state, self.rng)
 
     def round_samples(self, rnd: int, reuse: bool) -> list[Sample]:
         """Round ``rnd``'s weighted rewrites: read back from ``samples.jsonl`` (``reuse``) where it holds them, else
@@ -457,9 +498,38 @@ class _Loop:
         return samples
 
     def draw_round(self, rnd: int) -> list[Sample]:
-        """K rewrites per train prompt (rho_ref in round 0, rho_theta after), scored, weighed and saved."""
-        cfg, policy, train = self.cfg, self.policy, self.train
+        """K rewrites per train prompt (rho_ref in round 0, rho_theta after), scored, weighed and saved (this rank's
+        share of the prompts, then everybody's, in ``train``'s order)."""
+        cfg, dist = self.cfg, self.dist
         t0 = time.process_time()
+        mine = dist.shard(self.train)
+        shares = dist.gather(self.draw_share(rnd, mine))
+        if dist.world > 1:
+            at = {e.id: i for i, e in enumerate(self.train)}
+            samples = sorted((s for share in shares for s in share), key=lambda s: at[s.example.id])
+        else:
+            samples = shares[0]
+        _weigh(samples, cfg)
+        if dist.main:
+            _save_round(self.out_dir / "samples.jsonl", rnd, samples)
+        self.ess[rnd] = _ess_stats(samples, cfg.k)
+        self.log_fn(
+            {
+                "event": "round",
+                "round": rnd,
+                "samples": len(samples),
+                "reward_mean": float(np.mean([s.reward for s in samples])),
+                "unusable": sum(s.served is None for s in samples),
+                "sample_cpu_s": time.process_time() - t0,
+                "prompts_per_rank": [len({s.example.id for s in share}) for share in shares],
+                **self.ess[rnd],
+            }
+        )
+        return samples
+
+    def draw_share(self, rnd: int, train: Sequence[Example]) -> list[Sample]:
+        """K rewrites of each of ``train``, scored, with their log-probabilities under rho_ref and the sampler."""
+        cfg, policy = self.cfg, self.policy
         if rnd == 0 and self.engine_sampler is not None:
             # the engine must serve the prompter base at T=1, top_p=1 (pipeline.engine_rewrites) for q = rho_ref
             samples = policy.from_texts(train, contract_of(cfg), self.engine_sampler(train, cfg.k))
@@ -476,37 +546,27 @@ class _Loop:
             q = policy.sequence_logprob(samples, adapter=True)
             for s, a, b in zip(samples, ref, q, strict=True):
                 s.logp_ref, s.logp_q = a, b
-        _weigh(samples, cfg)
-        _save_round(self.out_dir / "samples.jsonl", rnd, samples)
-        self.ess[rnd] = _ess_stats(samples, cfg.k)
-        self.log_fn(
-            {
-                "event": "round",
-                "round": rnd,
-                "samples": len(samples),
-                "reward_mean": float(np.mean([s.reward for s in samples])),
-                "unusable": sum(s.served is None for s in samples),
-                "sample_cpu_s": time.process_time() - t0,
-                **self.ess[rnd],
-            }
-        )
         return samples
 
     def fit_epoch(self, rnd: int, epoch: int, groups: list[list[Sample]]) -> None:
-        """One pass over the prompts' weighted rewrites in a seeded order, ``prompts_per_step`` prompts a step
-        (a resumed epoch starts at the checkpoint's batch)."""
+        """One pass over the prompts' weighted rewrites in a seeded order, ``prompts_per_step`` prompts a step per
+        process (a resumed epoch starts at the checkpoint's batch)."""
         from tqdm.auto import tqdm
 
         cfg, state = self.cfg, self.state
         order = list(range(len(groups)))
         random.Random(row_seed(cfg.seed, "order", rnd, epoch)).shuffle(order)
-        batches = [order[i : i + cfg.prompts_per_step] for i in range(0, len(order), cfg.prompts_per_step)]
+        size = cfg.prompts_per_step * self.dist.world
+        batches = [order[i : i + size] for i in range(0, len(order), size)]
         start = state["batch"] if (state["round"], state["epoch"]) == (rnd, epoch) else 0
         bar = tqdm(
-            total=len(batches), initial=start, desc=f"round {rnd} epoch {epoch}", disable=not self.progress
+            total=len(batches),
+            initial=start,
+            desc=f"round {rnd} epoch {epoch}",
+            disable=not (self.progress and self.dist.main),
         )
         for b in range(start, len(batches)):
-            rec = self.step(rnd, epoch, b, [s for g in batches[b] for s in groups[g]])
+            rec = self.step(rnd, epoch, b, [groups[g] for g in batches[b]])
             bar.update(1)
             bar.set_postfix(loss=f"{rec['loss']:.3f}")
             if cfg.save_steps and state["step"] % cfg.save_steps == 0:
@@ -514,19 +574,29 @@ class _Loop:
         bar.close()
         state.update(epoch=epoch + 1, batch=0)
 
-    def step(self, rnd: int, epoch: int, b: int, batch: list[Sample]) -> dict[str, Any]:
-        """One optimizer step on ``batch`` (batch ``b`` of the epoch); returns its log record."""
+    def step(self, rnd: int, epoch: int, b: int, prompts: list[list[Sample]]) -> dict[str, Any]:
+        """One optimizer step on the global batch ``prompts`` (batch ``b`` of the epoch, each prompt's fitted
+        rewrites), this rank fitting its share; returns the step's log record."""
         import torch
 
-        cfg, policy = self.cfg, self.policy
+        cfg, policy, dist = self.cfg, self.policy, self.dist
+        batch = [s for g in prompts for s in g]
+        # A rank left without a prompt (the epoch's last batch, when it has fewer prompts than ranks) fits one of the
+        # others' rewrites at weight 0: it must still join the gradient all-reduce, and adds nothing to it.
+        mine = [s for g in dist.shard(prompts) for s in g] or [dataclasses.replace(batch[0], weight=0.0)]
         t0 = time.process_time()
         policy.model.train()
-        loss = weighted_nll(policy, batch, shared_prefix=cfg.shared_prefix)
+        num, den = weighted_nll_terms(policy, mine, cfg.shared_prefix, self.net)
+        # DDP averages the ranks' gradients: scaling by world makes the step that of sum(num) / sum(den), the
+        # global batch's weighted NLL per token, which is weighted_nll on one process.
+        total = torch.tensor(dist.reduce(float(den.detach())), dtype=den.dtype, device=den.device)
+        loss = num * dist.world / total.clamp(min=1e-6)
         self.opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.accelerator.backward(loss)
+        self.accelerator.clip_grad_norm_(self.params, 1.0)
         self.opt.step()
         policy.model.eval()
+        loss_value = dist.reduce(float(num.detach())) / float(total.clamp(min=1e-6))
         self.state.update(round=rnd, epoch=epoch, batch=b + 1, step=self.state["step"] + 1)
         step = self.state["step"]
         rec: dict[str, Any] = {
@@ -534,12 +604,12 @@ class _Loop:
             "step": step,
             "round": rnd,
             "epoch": epoch,
-            "loss": float(loss.detach()),
+            "loss": loss_value,
             "reward": float(np.average([s.reward for s in batch], weights=[s.weight for s in batch])),
             "reward_sampled": float(np.mean([s.reward for s in batch])),
             "step_cpu_s": time.process_time() - t0,
         }
-        if cfg.kl_every and step % cfg.kl_every == 0:
+        if cfg.kl_every and step % cfg.kl_every == 0 and dist.main:
             rec["kl"] = estimate_kl(policy, self.probe, cfg, step)
         if step % max(cfg.log_steps, 1) == 0 or "kl" in rec:
             self.log_fn(rec)

@@ -11,6 +11,11 @@ The settings are a config of :mod:`alignpro.training.config`. The output folder 
                          data hash, metrics, the command line)
 ``report.json``          the dev evaluation: mean reward for none / reference / trained (/ optimal), KL
 =======================  ===================================================================================
+
+Under ``accelerate launch`` every process runs :func:`run` alike (:mod:`alignpro.training.dist`): each builds its own
+frozen engine (the ``frozen_urls`` replicas, rotated by rank) and R estimator (its answer cache in
+``frozen_cache.rank<N>.jsonl``), the trainer splits the prompts, and only rank 0 writes the files above and evaluates
+on dev; the other ranks return a report without ``dev``.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ from alignpro.training import closed_form as cf
 from alignpro.training.artifacts import JsonlLog, plot_curves, write_adapter_meta
 from alignpro.training.config import PROPOSAL_TEMPERATURE, PROPOSAL_TOP_P
 from alignpro.training.data import Example, balanced, data_hash, load_prompts, reward_columns
+from alignpro.training.dist import Dist
 from alignpro.training.rl import RReward, train_rl
 
 Rewrites = list[list[tuple[str, str | None]]]  # per row, K (text, finish reason) prompter outputs
@@ -52,12 +58,14 @@ Rewrites = list[list[tuple[str, str | None]]]  # per row, K (text, finish reason
 # ------------------------------------------------------------------------------------------------ run
 @dataclass
 class RunContext:
-    """What one run holds, from :func:`open_run` to :meth:`close`: its config and output folder, the data, the
-    frozen engine with the event-loop thread that drives it, and the R estimator (reward over the engine)."""
+    """What one run holds, from :func:`open_run` to :meth:`close`: its config and output folder, this process's rank,
+    the data, the frozen engine with the event-loop thread that drives it, and the R estimator (reward over the
+    engine). ``log`` writes ``log.jsonl`` on rank 0 and nothing elsewhere."""
 
     cfg: Any
     out_dir: Path
-    log: JsonlLog
+    dist: Dist
+    log: Callable[[dict[str, Any]], None]
     train: list[Example]
     dev: list[Example]
     base_path: str
@@ -119,6 +127,8 @@ def run(
             "data_hash": data_hash(ctx.train),
             "train": summary,
         }
+        if not ctx.dist.main:
+            return report
         if ctx.dev:
             report["dev"] = eval_phase(ctx, optimal_k)
         write_adapter_meta(ctx.adapter_dir, cfg, ctx.train, report, command)
@@ -140,14 +150,16 @@ def open_run(
     engine."""
     import torch
 
+    dist = Dist.current()
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     cf.set_seed(cfg.seed)
-    if not resume and not eval_only and (out_dir / "log.jsonl").exists():
+    if dist.main and not resume and not eval_only and (out_dir / "log.jsonl").exists():
         for stale in ("log.jsonl", "samples.jsonl", "latest", "engine_samples.json"):
             (out_dir / stale).unlink(missing_ok=True)
+    dist.barrier()  # no rank starts writing before rank 0 has cleared the previous run
     train = balanced(load_prompts(cfg.data, split="train", train_percent=cfg.train_percent), cfg.train_limit)
     dev = balanced(load_prompts(cfg.data, split="dev", train_percent=cfg.train_percent), cfg.dev_limit or 0)
     if not train and not eval_only:
@@ -157,7 +169,7 @@ def open_run(
     validator = validator or OutputValidator()
     runner = LoopThread()
     frozen_path = embedded.resolve(cfg.frozen_model) if cfg.frozen_engine == "local" else cfg.frozen_model
-    engine = build_frozen_engine(cfg.frozen_engine, frozen_path, cfg.frozen_urls)
+    engine = build_frozen_engine(cfg.frozen_engine, frozen_path, dist.rotate(cfg.frozen_urls))
     runner.run(engine.start())
     sampling = FrozenSampling(
         m=cfg.m, max_tokens=cfg.response_max_tokens, temperature=cfg.response_temperature, seed=cfg.seed
@@ -165,7 +177,8 @@ def open_run(
     return RunContext(
         cfg=cfg,
         out_dir=out_dir,
-        log=JsonlLog(out_dir / "log.jsonl"),
+        dist=dist,
+        log=dist.main_only(JsonlLog(out_dir / "log.jsonl")),
         train=train,
         dev=dev,
         base_path=base_path,
@@ -174,23 +187,23 @@ def open_run(
         runner=runner,
         engine=engine,
         sampling=sampling,
-        estimator=_estimator(cfg, engine, reward, sampling, out_dir),
+        estimator=_estimator(cfg, engine, reward, sampling, dist.rank_file(out_dir / "frozen_cache.jsonl")),
         resume=resume,
         progress=progress,
     )
 
 
 def _estimator(
-    cfg: Any, engine: Engine, reward: Callable[..., list[float]], sampling: FrozenSampling, out_dir: Path
+    cfg: Any, engine: Engine, reward: Callable[..., list[float]], sampling: FrozenSampling, cache: Path
 ) -> REstimator:
-    """R over ``engine``, caching the frozen answers in ``out_dir/frozen_cache.jsonl``."""
+    """R over ``engine``, caching the frozen answers in ``cache`` (a JSON-lines file)."""
     return REstimator(
         engine,
         reward,
         sampling=sampling,
         contract=cfg.contract,
         concurrency=cfg.concurrency,
-        cache_path=out_dir / "frozen_cache.jsonl",
+        cache_path=cache,
     )
 
 
@@ -207,9 +220,13 @@ def train_phase(ctx: RunContext) -> dict[str, Any]:
     summary["train_cpu_s"] = time.process_time() - cpu0
     if server_pid:
         summary["frozen_server_cpu_s"] = proc_cpu_seconds(server_pid) - server0
-    summary["frozen_calls"] = ctx.estimator.calls
+    summary["frozen_calls"] = int(ctx.dist.reduce(ctx.estimator.calls))
+    summary["processes"] = ctx.dist.world
     ctx.log({"event": "trained", **summary})
-    plot_curves(ctx.out_dir / "log.jsonl", ctx.out_dir / "curves.png", title=f"{cfg.trainer} (lam={cfg.lam})")
+    if ctx.dist.main:
+        plot_curves(
+            ctx.out_dir / "log.jsonl", ctx.out_dir / "curves.png", title=f"{cfg.trainer} (lam={cfg.lam})"
+        )
     return summary
 
 
@@ -235,8 +252,10 @@ def _train_closed_form(ctx: RunContext) -> dict[str, Any]:
         progress=ctx.progress,
         engine_sampler=functools.partial(_engine_samples, ctx) if cfg.sample_with_engine else None,
         reuse_samples=ctx.resume,
+        dist=ctx.dist,
     )
-    policy.save(ctx.adapter_dir)
+    if ctx.dist.main:
+        policy.save(ctx.adapter_dir)
     return summary
 
 
@@ -244,11 +263,20 @@ def _train_rl(ctx: RunContext) -> dict[str, Any]:
     cfg = ctx.cfg
     rr = RReward(ctx.estimator, ctx.runner, ctx.validator, cfg.contract, cfg.max_new_tokens)
     model, summary = train_rl(
-        cfg, ctx.base_path, ctx.train, rr, ctx.out_dir, ctx.log, resume=ctx.resume, progress=ctx.progress
+        cfg,
+        ctx.base_path,
+        ctx.train,
+        rr,
+        ctx.out_dir,
+        ctx.log,
+        resume=ctx.resume,
+        progress=ctx.progress,
+        dist=ctx.dist,
     )
-    model.save_pretrained(str(ctx.adapter_dir))
+    if ctx.dist.main:
+        model.save_pretrained(str(ctx.adapter_dir))
     del model
-    summary["unusable_rate"] = rr.unusable / max(rr.seen, 1)
+    summary["unusable_rate"] = ctx.dist.reduce(rr.unusable) / max(ctx.dist.reduce(rr.seen), 1)
     return summary
 
 
@@ -284,8 +312,8 @@ def _score_samples(ctx: RunContext, samples: list[cf.Sample]) -> None:
 
 def _engine_samples(ctx: RunContext, rows: Sequence[Example], k: int) -> Rewrites:
     """Round 0's rho_ref rewrites drawn through the frozen engine (``sample_with_engine``)."""
-    # kept on disk: an interrupted run resumes without drawing them again
-    raw = ctx.out_dir / "engine_samples.json"
+    # kept on disk (each rank its share): an interrupted run resumes without drawing them again
+    raw = ctx.dist.rank_file(ctx.out_dir / "engine_samples.json")
     if ctx.resume and raw.is_file():
         got = json.loads(raw.read_text())
         if [g["id"] for g in got] == [r.id for r in rows]:
@@ -347,7 +375,7 @@ def eval_phase(ctx: RunContext, optimal_k: int = 0) -> dict[str, Any]:
     cfg = ctx.cfg
     policy = cf.Policy(ctx.base_path, adapter_path=ctx.adapter_dir)
     sampling = dataclasses.replace(ctx.sampling, seed=cfg.seed + 1000, m=max(cfg.m, 2))
-    estimator = _estimator(cfg, ctx.engine, ctx.reward, sampling, ctx.out_dir)
+    estimator = _estimator(cfg, ctx.engine, ctx.reward, sampling, ctx.out_dir / "frozen_cache.jsonl")
     validator = OutputValidator(ctx.validator.min_similarity, embed=ctx.validator._embed)
     dev = evaluate(
         policy, ctx.dev, estimator, ctx.runner, cfg, validator, optimal_k=optimal_k, selector=ctx.estimator

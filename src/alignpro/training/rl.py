@@ -32,6 +32,10 @@ Both compute log-probabilities of ``logits / temperature`` and ignore ``top_p``:
 (the defaults) so that the policy optimised is the prompter's softmax and its samples are the ones scored.
 
 Generation runs with transformers (CPU here); ``use_vllm`` hands it to a ``trl vllm-serve`` server on a GPU.
+Under ``accelerate launch`` TRL runs data-parallel itself (its sampler splits the prompts, each rank generates and
+scores its share, DDP averages the gradients; ``prompts_per_step`` is per process). This wrapper keeps out of its way:
+every rank's :class:`RReward` sends its own frozen requests, only rank 0 logs (``log_fn``) and saves the adapter, and
+``cpu_budget_s`` stops every rank at the same step (the ranks' largest CPU time decides).
 TRL's own checkpoints give ``--resume``; its log lines feed the JSON-lines log and the curves. The settings are
 :class:`~alignpro.training.config.RLConfig`; :func:`alignpro.training.pipeline.run` supplies the data, the R
 estimator and the evaluation.
@@ -56,6 +60,7 @@ from alignpro.scoring.estimate import LoopThread, REstimator
 from alignpro.settings import DEFAULT_CONTEXT_TURNS
 from alignpro.training.config import RLConfig
 from alignpro.training.data import Example, reward_columns
+from alignpro.training.dist import Dist
 
 log = logging.getLogger(__name__)
 
@@ -161,8 +166,10 @@ def train_rl(
     log_fn: Callable[[dict[str, Any]], None],
     resume: bool = False,
     progress: bool = True,
+    dist: Dist | None = None,
 ) -> tuple[Any, dict[str, Any]]:
-    """Train with TRL; returns (the trained peft model, summary metrics). Checkpoints go to ``out_dir``."""
+    """Train with TRL; returns (the trained peft model, summary metrics). Checkpoints go to ``out_dir``. ``log_fn``
+    is called on every rank (pass rank 0's log and a no-op elsewhere); ``dist`` is this process's rank."""
     contract: Contract = "augment" if cfg.contract == "augment" else "rewrite"
     tok, model = _load_base(base_path)
     args, trainer_cls = _trainer_args(cfg, out_dir, progress)
@@ -174,7 +181,7 @@ def train_rl(
         train_dataset=make_dataset(train, contract),
         processing_class=tok,
         peft_config=_lora_config(cfg),
-        callbacks=[_log_bridge(cfg, reward, log_fn, t_start)],
+        callbacks=[_log_bridge(cfg, reward, log_fn, t_start, dist or Dist())],
     )
     out = trainer.train(resume_from_checkpoint=True if resume else None)
     summary = {"steps": int(trainer.state.global_step), "train_loss": float(out.training_loss)}
@@ -270,10 +277,11 @@ def _trainer_args(cfg: RLConfig, out_dir: Path, progress: bool) -> tuple[Any, An
 
 
 def _log_bridge(
-    cfg: RLConfig, reward: RReward, log_fn: Callable[[dict[str, Any]], None], t_start: float
+    cfg: RLConfig, reward: RReward, log_fn: Callable[[dict[str, Any]], None], t_start: float, dist: Dist
 ) -> Any:
     """A TRL callback: TRL's log lines into ``log_fn`` (with the unusable rate and the CPU seconds since
-    ``t_start``), and the stop once ``cpu_budget_s`` is spent."""
+    ``t_start``), and the stop once ``cpu_budget_s`` is spent by any rank (every rank must stop at the same step, or
+    the others would wait forever in the next gradient all-reduce)."""
     from transformers import TrainerCallback
 
     class LogBridge(TrainerCallback):
@@ -291,8 +299,10 @@ def _log_bridge(
             log_fn(rec)
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            cpu_s = time.process_time() - t_start
-            if cfg.cpu_budget_s is not None and cpu_s >= cfg.cpu_budget_s:
+            if cfg.cpu_budget_s is None:
+                return
+            cpu_s = dist.reduce(time.process_time() - t_start, "max")
+            if cpu_s >= cfg.cpu_budget_s:
                 log_fn({"event": "cpu_budget_reached", "step": int(state.global_step), "cpu_s": cpu_s})
                 control.should_training_stop = True
 

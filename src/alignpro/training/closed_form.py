@@ -458,7 +458,8 @@ class _Loop:
 
         self.params = self.policy.trainable_parameters()
         opt = torch.optim.AdamW(self.params, lr=self.cfg.learning_rate, weight_decay=0.0)
-        self.accelerator = Accelerator()
+        # float32 whatever the launcher's config says: the importance weights and KL are float32 log-softmaxes
+        self.accelerator = Accelerator(mixed_precision="no")
         self.net, self.opt = self.accelerator.prepare(self.policy.model, opt)
         self.rng = random.Random(self.cfg.seed)
         self.probe = list(self.train[: self.cfg.kl_probe_prompts])

@@ -2,7 +2,9 @@
 
 The user's text goes into the prompter's *user* turn between ``<request>`` tags, and the instruction lives in
 the *system* turn, so text inside the request is data: it cannot close the tags (they are escaped) and cannot
-replace the instruction. Two output contracts:
+replace the instruction. A turn of a conversation comes after its earlier turns, in a ``<conversation>`` block
+escaped the same way (:func:`conversation_context` says which turns, :func:`render_context` how). Two output
+contracts:
 
 * ``rewrite``: the prompter writes the whole new prompt x', which replaces the user's message;
 * ``augment``: the prompter writes guidance, added as a system message, and the user's words reach the frozen

@@ -1,9 +1,11 @@
 """The gateway's core: aliases -> (prompter stage, frozen engine), and the request path between them.
 
 A request for alias A goes: validate -> prompter stage (x -> x') -> the frozen engine of A with x' -> the
-response, with the ``alignpro`` extension object and ``x-alignpro-*`` headers. Routes in
-:mod:`alignpro.server.routes` are thin wrappers around :meth:`Gateway.chat`, :meth:`Gateway.completion` and
-:meth:`Gateway.rewrite_only`.
+response, with the ``alignpro`` extension object and ``x-alignpro-*`` headers. A chat (or a Responses API
+input) goes through the conversation contract (:meth:`Gateway._rewrite_turns`; README, "Conversations and
+agents"): each user turn rewritten once, with its earlier turns as context, everything else relayed as sent.
+Routes in :mod:`alignpro.server.routes` are thin wrappers around :meth:`Gateway.chat`, :meth:`Gateway.completion`,
+:meth:`Gateway.responses`, :meth:`Gateway.relay` and :meth:`Gateway.rewrite_only`.
 """
 
 from __future__ import annotations

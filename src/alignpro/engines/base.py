@@ -69,6 +69,7 @@ class Engine(ABC):
     kind: str = ""
     extra_fields: frozenset[str] = frozenset()
     content_types: frozenset[str] = frozenset({"text"})
+    seeds = True  # honours a request's ``seed`` (see EngineConfig.seeds)
 
     def __init__(self, name: str) -> None:
         self.name = name

@@ -178,6 +178,7 @@ class OpenAIEngine(Engine):
         self.timeout = timeout
         self.request_timeout_s = request_timeout_s
         self.replicas = [Replica(u.rstrip("/")) for u in cfg.urls]
+        self.seeds = cfg.seeds
         self._client: httpx.AsyncClient | None = None
         self._prober: asyncio.Task[None] | None = None
         self._secret = cfg.api_key.get_secret_value() if cfg.api_key else None

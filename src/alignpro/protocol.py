@@ -324,7 +324,7 @@ class TokenizeRequest(_Open):
 
     model: str = Field(..., min_length=1)
     prompt: str | None = None
-    messages: list[dict[str, Any]] | None = None
+    messages: list[ChatMessage] | None = None
 
 
 class RewriteRequest(BaseModel):

@@ -77,7 +77,14 @@ def test_schemathesis_finds_no_server_error(target: str) -> None:
     # Random model names only ever reach the 404; pin `model` to the served aliases so that most generated
     # requests go all the way through the prompter stage and the engine (the rest of the schema is as served).
     aliases = [m["id"] for m in httpx.get(f"{target}/v1/models", headers=AUTH).json()["data"]]
-    for name in ("ChatCompletionRequest", "CompletionRequest", "RewriteRequest"):
+    for name in (
+        "ChatCompletionRequest",
+        "CompletionRequest",
+        "RewriteRequest",
+        "ResponsesRequest",
+        "EmbeddingRequest",
+        "TokenizeRequest",
+    ):
         raw["components"]["schemas"][name]["properties"]["model"] = {"type": "string", "enum": aliases}
     schema = schemathesis.openapi.from_dict(raw)
     statuses: Counter[int] = Counter()

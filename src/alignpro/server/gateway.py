@@ -599,6 +599,8 @@ class Gateway:
         route = self.route(req.model, who)
         body = req.model_dump(exclude_unset=True)
         body["model"] = route.upstream_model
+        if isinstance(req, TokenizeRequest) and req.messages is not None:
+            body["messages"] = [m.wire() for m in req.messages]
         if isinstance(req, EmbeddingRequest):
             return await route.engine.embeddings(body)
         return await route.engine.tokenize(body)

@@ -84,6 +84,10 @@ class FaultInjector:
                 Route("/v1/chat/completions", self._chat, methods=["POST"]),
                 Route("/v1/completions", self._chat, methods=["POST"]),
                 Route("/v1/models", self._models, methods=["GET"]),
+                # the relayed routes answer a fixed valid shape: enough for fuzzing the gateway's side of them
+                Route("/v1/responses", self._fixed, methods=["POST"]),
+                Route("/v1/embeddings", self._fixed, methods=["POST"]),
+                Route("/tokenize", self._fixed, methods=["POST"]),
             ]
         )
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
@@ -108,6 +112,26 @@ class FaultInjector:
             True  # do not wait for injected sleeps (slow-<s>) that nobody awaits any more
         )
         self.thread.join(timeout=10)
+
+    async def _fixed(self, request: Request) -> Response:
+        self.received[request.url.path] += 1
+        if request.url.path == "/tokenize":
+            return JSONResponse({"count": 1, "tokens": [1], "max_model_len": 2048})
+        if request.url.path == "/v1/embeddings":
+            return JSONResponse(
+                {"object": "list", "data": [{"object": "embedding", "index": 0, "embedding": [0.0]}]}
+            )
+        text = [{"type": "output_text", "text": "ok", "annotations": []}]
+        item = {
+            "type": "message",
+            "id": "msg-fault",
+            "status": "completed",
+            "role": "assistant",
+            "content": text,
+        }
+        return JSONResponse(
+            {"id": "resp-fault", "object": "response", "status": "completed", "output": [item]}
+        )
 
     async def _models(self, request: Request) -> Response:
         cards = [{"id": "ok", "object": "model"}]

@@ -31,6 +31,7 @@ from alignpro import embedded
 from alignpro.engines.base import DONE_EVENT, Engine, sse_event
 from alignpro.engines.responses import ChatResponses
 from alignpro.errors import ConfigError, ContextLengthError, InvalidRequestError, UpstreamUnavailableError
+from alignpro.prompter.version import warn_if_mismatched
 from alignpro.protocol import new_id
 from alignpro.settings import TRAINED, EngineConfig
 
@@ -135,6 +136,8 @@ class Generator:
                 model = PeftModel.from_pretrained(model, resolve_adapter(first[1]), adapter_name=first[0])
                 for name, path in rest:
                     model.load_adapter(resolve_adapter(path), adapter_name=name)
+                for path in self.adapters.values():
+                    warn_if_mismatched(Path(resolve_adapter(path)))
                 model.eval()
         self.model = model
         cfg = model.config

@@ -25,6 +25,7 @@ from alignpro.eval.config import (
     Method,
 )
 from alignpro.eval.stats import EvalRecord
+from alignpro.prompter.version import instruction_digest
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ def _prompter_parts(cfg: EvalConfig, m: Method) -> dict[str, Any]:
         parts["prompter"] = [
             str(EngineSpec.parse(cfg.prompter_model)),
             cfg.contract,
+            instruction_digest(cfg.contract),
             cfg.prompter_max_tokens,
             cfg.prompter_temperature,
             cfg.prompter_top_p,

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from alignpro import __version__, embedded
+from alignpro.prompter.version import ADAPTER_META, adapter_fingerprint, instruction_digest
 from alignpro.training.data import Example, data_hash
 
-ADAPTER_META = "alignpro.json"
 DEV_KEYS = (
     "n",
     "none",
@@ -103,6 +103,7 @@ def write_adapter_meta(
         "lam": cfg.lam,
         "reward": cfg.reward,
         "contract": cfg.contract,
+        "instruction": instruction_digest(cfg.contract),
         "data": list(cfg.data),
         "data_hash": data_hash(train),
         "train_size": len(train),
@@ -112,12 +113,13 @@ def write_adapter_meta(
         "alignpro_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    (adapter_dir / ADAPTER_META).write_text(json.dumps(meta, indent=2, ensure_ascii=False))
     # A portable adapter: name the base model by its hub id rather than this machine's cache path.
     cfg_path = adapter_dir / "adapter_config.json"
     if cfg_path.is_file():
         acfg = json.loads(cfg_path.read_text())
         acfg["base_model_name_or_path"] = meta["base_model"]
         cfg_path.write_text(json.dumps(acfg, indent=2))
+    meta["fingerprint"] = adapter_fingerprint(adapter_dir)
+    (adapter_dir / ADAPTER_META).write_text(json.dumps(meta, indent=2, ensure_ascii=False))
     for f in adapter_dir.iterdir():
         f.chmod(0o644)

@@ -1,0 +1,81 @@
+"""What identifies a prompter: the instruction it was trained under and its adapter's weights.
+
+A LoRA prompter is trained on the chat :func:`~alignpro.prompter.instruction.prompter_messages` builds; served
+under another instruction it sees prompts it never saw in training. ``alignpro.json`` records
+:func:`instruction_digest` and :func:`adapter_fingerprint` so that a mismatch is reported when the adapter loads
+and so that anyone can check that the committed files are the ones described. Pure Python: no numpy, no torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+from alignpro.protocol import Contract
+
+log = logging.getLogger(__name__)
+
+ADAPTER_META = "alignpro.json"
+# The files that define the adapter's behaviour; alignpro.json describes them and is not part of the digest.
+_WEIGHT_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+
+
+def instruction_digest(contract: Contract) -> str:
+    """A short digest of the instruction and worked examples the prompter sees under ``contract``."""
+    from alignpro.prompter import instruction as ins
+
+    text, examples = (
+        (ins.REWRITE_INSTRUCTION, ins.REWRITE_EXAMPLES)
+        if contract == "rewrite"
+        else (ins.AUGMENT_INSTRUCTION, ins.AUGMENT_EXAMPLES)
+    )
+    return hashlib.sha256(json.dumps([text, examples]).encode()).hexdigest()[:16]
+
+
+def adapter_fingerprint(adapter_dir: Path) -> str:
+    """A digest of the adapter's weight and config files, in a fixed order: equal files, equal fingerprint.
+
+    ``adapter_config.json`` is hashed as parsed JSON with sorted keys, so rewriting its base-model path (done for
+    portability when training ends) is the only edit that changes nothing else; the digest is taken after it.
+    """
+    h = hashlib.sha256()
+    for name in _WEIGHT_FILES:
+        path = adapter_dir / name
+        if not path.is_file():
+            continue
+        data = path.read_bytes()
+        if name.endswith(".json"):
+            data = json.dumps(json.loads(data), sort_keys=True).encode()
+        h.update(name.encode() + b"\0" + data)
+    return h.hexdigest()[:16]
+
+
+def check_adapter(adapter_dir: Path) -> list[str]:
+    """What is wrong with serving ``adapter_dir`` under today's instruction (an empty list: nothing known).
+
+    An adapter without ``alignpro.json`` (a plain PEFT folder) or without the fields carries no claim to check.
+    """
+    meta_path = adapter_dir / ADAPTER_META
+    if not meta_path.is_file():
+        return []
+    meta = json.loads(meta_path.read_text())
+    problems = []
+    contract = meta.get("contract", "rewrite")
+    trained_under = meta.get("instruction")
+    if trained_under and trained_under != instruction_digest(contract):
+        problems.append(
+            f"trained under instruction {trained_under}, served under {instruction_digest(contract)}: "
+            "retrain it, or serve it with the alignpro version that trained it"
+        )
+    recorded = meta.get("fingerprint")
+    if recorded and recorded != adapter_fingerprint(adapter_dir):
+        problems.append(f"its files do not match the fingerprint {recorded} in {ADAPTER_META}")
+    return problems
+
+
+def warn_if_mismatched(adapter_dir: Path) -> None:
+    """Log each :func:`check_adapter` problem once per load: a mismatch degrades rewrites, it does not break them."""
+    for problem in check_adapter(adapter_dir):
+        log.warning("prompter adapter %s: %s", adapter_dir, problem)

@@ -39,7 +39,7 @@ import numpy as np
 from alignpro import embedded
 from alignpro.engines.base import Engine
 from alignpro.engines.factory import build_frozen_engine
-from alignpro.errors import ConfigError
+from alignpro.errors import ConfigError, ContextLengthError
 from alignpro.prompter.instruction import prompter_outputs, prompter_request
 from alignpro.prompter.optimal import choose
 from alignpro.prompter.validate import OutputValidator
@@ -341,7 +341,12 @@ async def engine_rewrites(engine: Any, rows: Sequence[Any], cfg: Any, k: int) ->
             n=k,
         )
         async with sem:
-            return prompter_outputs(await engine.chat(body))
+            try:
+                return prompter_outputs(await engine.chat(body))
+            except ContextLengthError:
+                # The gateway serves such a request as asked (a fallback): every draw is unusable, the trainer
+                # fits none of them, and one long request no longer ends the run.
+                return [("", "length")] * k
 
     return list(await asyncio.gather(*(one(r) for r in rows)))
 

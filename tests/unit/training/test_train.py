@@ -28,7 +28,7 @@ from alignpro.training.data import (
     load_prompts,
     split_of,
 )
-from alignpro.training.pipeline import run
+from alignpro.training.pipeline import engine_rewrites, run
 
 
 # ------------------------------------------------------------------------------------------------ fixtures
@@ -348,3 +348,24 @@ async def test_shipped_adapter_rewrites_end_to_end(model_dir: Path) -> None:
         assert rw.prompt.strip()
     finally:
         await engine.aclose()
+
+
+async def test_a_request_too_long_for_the_prompter_is_unusable_not_fatal() -> None:
+    """Round 0 draws rho_ref through an engine; one request that does not fit the prompter's context (the
+    instruction and worked examples come first) used to end the whole run after every other draw was spent."""
+    from alignpro.engines.local import LocalEngine
+    from alignpro.settings import EngineConfig
+
+    engine = LocalEngine("embedded", EngineConfig(dtype="float32"))
+    await engine.start()
+    try:
+        rows = [
+            Example(id="short", prompt="Name a colour.", kind="benign"),
+            Example(id="long", prompt="word " * 9000, kind="benign"),
+        ]
+        cfg = ClosedFormConfig(contract="rewrite", max_new_tokens=4, concurrency=2)
+        short, long = await engine_rewrites(engine, rows, cfg, k=2)
+    finally:
+        await engine.aclose()
+    assert len(short) == 2 and all(isinstance(text, str) for text, _ in short)
+    assert long == [("", "length"), ("", "length")]

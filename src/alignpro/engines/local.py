@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import queue
 import threading
@@ -31,7 +30,7 @@ from alignpro import embedded
 from alignpro.engines.base import DONE_EVENT, Engine, sse_event
 from alignpro.engines.responses import ChatResponses
 from alignpro.errors import ConfigError, ContextLengthError, InvalidRequestError, UpstreamUnavailableError
-from alignpro.prompter.version import warn_if_mismatched
+from alignpro.prompter.version import adapter_fingerprint, warn_if_mismatched
 from alignpro.protocol import new_id
 from alignpro.settings import TRAINED, EngineConfig
 
@@ -354,13 +353,12 @@ class LocalEngine(Engine):
         return self._served_name
 
     async def fingerprint(self, model: str) -> str:
-        """An adapter: the SHA-256 of its weights file (a retrained adapter in the same folder is another one)."""
+        """An adapter: the digest of its weights and config (a retrained adapter in the same folder is another one)."""
         path = self.cfg.adapters.get(model)
         if path is None:
             return model
-        weights = Path(resolve_adapter(path)) / "adapter_model.safetensors"
-        digest = await asyncio.to_thread(lambda: hashlib.sha256(weights.read_bytes()).hexdigest())
-        return f"{model}@sha256:{digest[:16]}"
+        digest = await asyncio.to_thread(adapter_fingerprint, Path(resolve_adapter(path)))
+        return f"{model}@sha256:{digest}"
 
     async def start(self) -> None:
         if self.generator is None:

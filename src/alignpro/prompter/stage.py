@@ -32,6 +32,7 @@ from alignpro.prompter.instruction import (
     render_context,
 )
 from alignpro.prompter.validate import Validator, default_validator
+from alignpro.prompter.version import instruction_digest
 from alignpro.protocol import AlignProInfo, Contract, Mode
 from alignpro.settings import PrompterConfig
 
@@ -91,7 +92,9 @@ class PrompterStage:
     async def refresh_fingerprint(self) -> None:
         """Ask the engine which weights serve the prompter now (after an adapter swap, another version)."""
         if self.engine is not None and self.cfg.mode != "off":
-            self.fingerprint = await self.engine.fingerprint(self.cfg.model or self.engine.default_model())
+            weights = await self.engine.fingerprint(self.cfg.model or self.engine.default_model())
+            # The instruction is part of the prompter: a new one must not serve rewrites cached under the old.
+            self.fingerprint = f"{weights}/{instruction_digest('rewrite')}.{instruction_digest('augment')}"
 
     def name(self, mode: Mode) -> str | None:
         if mode == "off" or self.engine is None:

@@ -203,6 +203,8 @@ class FaultInjector:
             last: dict[str, Any] = {
                 "id": "chatcmpl-fault",
                 "object": "chat.completion.chunk",
+                "created": int(time.time()),
+                "model": model,
                 "choices": [],
                 "usage": NEGATIVE_USAGE if model == "negusage" else _chat(model)["usage"],
             }

@@ -385,6 +385,8 @@ def test_reference_prompter_runs_on_the_same_vllm(
     parsed = parse_output(ref.choices[0].message.content or "", ref.choices[0].finish_reason, text)
     if parsed.text is None:
         assert info["fallback"] == parsed.reason
+    elif parsed.text == text:  # KEEP: the user's words are sent, and reported as kept
+        assert info["kept"] is True and info["rewritten"] is False
     else:
         assert info["rewritten"] is True and info["rewritten_prompt"] == parsed.text
 

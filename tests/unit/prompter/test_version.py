@@ -60,3 +60,12 @@ def test_check_adapter_reports_a_foreign_instruction_and_edited_weights(tmp_path
 
 def test_a_plain_peft_folder_carries_no_claim(tmp_path: Path) -> None:
     assert check_adapter(_adapter(tmp_path)) == []
+
+
+def test_the_shipped_prompter_matches_its_record() -> None:
+    """The committed adapter was trained under today's instruction, and its files are the ones described."""
+    path = trained_adapter_path()
+    meta = json.loads((path / ADAPTER_META).read_text())
+    assert meta["instruction"] == instruction_digest(meta["contract"])
+    assert meta["fingerprint"] == adapter_fingerprint(path)
+    assert check_adapter(path) == []

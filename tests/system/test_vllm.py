@@ -84,7 +84,8 @@ def gateway(vllm: Server, workdir: Path) -> Iterator[Server]:
 read_timeout_s: 300
 rewrite_cache_size: 0   # every aligned request really runs the prompter
 engines:
-  vllm: {{kind: openai, urls: ["{vllm.url}/v1"], model: {SERVED_MODEL}}}
+  # ignore_eos is a vLLM extension the operator must allow (the disconnect test needs a long answer)
+  vllm: {{kind: openai, urls: ["{vllm.url}/v1"], model: {SERVED_MODEL}, allowed_fields: [ignore_eos]}}
 aliases:
   smollm2: {{engine: vllm, prompter: {{mode: "off"}}}}
   smollm2-aligned:

@@ -139,6 +139,7 @@ async def test_stage_uses_the_validator() -> None:
 
     class Fake:
         name = "fake"
+        seeds = True  # takes per-request seeds, like Engine
 
         def default_model(self) -> str:
             return "m"

@@ -111,6 +111,11 @@ class AlignProInfo(_Open):
         None, description="chat, rewrite contract: every user turn's outcome (earlier ones reused)."
     )
     agent: AgentInfo | None = Field(None, description="Set when the request is an agent's (tools, JSON...).")
+    speculative: Literal["released", "discarded"] | None = Field(
+        None,
+        description="Speculative start: the frozen model's answer to the request as sent was released (the "
+        "prompter kept it) or discarded (the prompter rewrote it).",
+    )
 
 
 # ---------------------------------------------------------------------------------------------- requests

@@ -147,6 +147,17 @@ class PrompterConfig(BaseModel):
         "open", description="open: serve the original prompt when the prompter fails; closed: answer 503."
     )
     timeout_s: float = Field(60.0, gt=0, description="Budget for the prompter stage.")
+    early_decision: bool = Field(
+        True,
+        description="Read the prompter's output as it is generated: a first line KEEP ends it at once (the rest is "
+        "not generated), and a speculative start hears of a rewrite at the first characters.",
+    )
+    speculative: bool = Field(
+        False,
+        description="rewrite contract: start the frozen model on the request as sent while the prompter decides. "
+        "Its answer is held, never sent, until the prompter keeps the request; a rewrite discards it (spending the "
+        "tokens it had generated) and starts the frozen model on the rewrite.",
+    )
     conversation: ConversationConfig = Field(default_factory=ConversationConfig)
     allowed_modes: list[Mode] = Field(
         default_factory=list,

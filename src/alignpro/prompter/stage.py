@@ -16,6 +16,7 @@ import hashlib
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from alignpro.engines.base import Engine
 from alignpro.errors import (
@@ -26,10 +27,14 @@ from alignpro.errors import (
 )
 from alignpro.prompter.cache import RewriteCache, rewrite_key
 from alignpro.prompter.instruction import (
+    EARLY_KEEP,
+    EARLY_REWRITE,
+    early_verdict,
     frame_guidance,
     prompter_outputs,
     prompter_request,
     render_context,
+    stream_delta,
 )
 from alignpro.prompter.validate import Validator, default_validator
 from alignpro.prompter.version import instruction_digest
@@ -112,6 +117,43 @@ class PrompterStage:
         seed: int | None = None,
     ) -> list[tuple[str, str | None]]:
         """Draw ``n`` raw prompter outputs (text, finish_reason) for ``text`` after the turns ``context``."""
+        body = self._request(text, mode, contract, n, context, seed)
+        assert self.engine is not None
+        return prompter_outputs(await self.engine.chat(body))
+
+    async def generate_early(
+        self,
+        text: str,
+        mode: Mode,
+        contract: Contract,
+        context: Context = (),
+        seed: int | None = None,
+        on_rewrite: Callable[[], None] | None = None,
+    ) -> tuple[str, str | None]:
+        """One raw prompter output, read as it streams: cut at an early KEEP (the prompter request is cancelled,
+        so the rest is never generated), and ``on_rewrite`` called once as soon as the output cannot be KEEP."""
+        body = self._request(text, mode, contract, 1, context, seed)
+        assert self.engine is not None
+        out, finish, told = "", None, False
+        events = self.engine.chat_stream({**body, "stream": True})
+        try:
+            async for event in events:
+                delta, reason = stream_delta(event)
+                out, finish = out + delta, reason or finish
+                verdict = early_verdict(out, contract)
+                if verdict == EARLY_KEEP:
+                    return out, "stop"
+                if verdict == EARLY_REWRITE and on_rewrite is not None and not told:
+                    told = True
+                    on_rewrite()
+        finally:
+            await events.aclose()  # type: ignore[attr-defined]
+        return out, finish
+
+    def _request(
+        self, text: str, mode: Mode, contract: Contract, n: int, context: Context, seed: int | None
+    ) -> dict[str, Any]:
+        """The prompter engine's chat body for ``n`` outputs (the adapter's model id in mode adapter)."""
         if self.engine is None:
             raise UpstreamUnavailableError("no prompter engine is configured", code="prompter_unavailable")
         use_adapter = mode == "adapter" or (mode == "optimal" and self.cfg.model is not None)
@@ -125,7 +167,7 @@ class PrompterStage:
         if seed is not None and not self.engine.seeds:
             # The engine cannot take the seed that makes this draw reproducible: the greedy draw is.
             seed, temperature = None, 0.0
-        body = prompter_request(
+        return prompter_request(
             text,
             contract,
             model=model,
@@ -136,12 +178,18 @@ class PrompterStage:
             context=context,
             seed=seed,
         )
-        return prompter_outputs(await self.engine.chat(body))
 
     async def rewrite(
-        self, text: str, mode: Mode, contract: Contract | None = None, context: Context = (), scope: str = ""
+        self,
+        text: str,
+        mode: Mode,
+        contract: Contract | None = None,
+        context: Context = (),
+        scope: str = "",
+        on_rewrite: Callable[[], None] | None = None,
     ) -> Rewrite:
-        """The rewrite of the user text ``text``, which comes after the earlier turns ``context``.
+        """The rewrite of the user text ``text``, which comes after the earlier turns ``context``. ``on_rewrite``
+        hears as early as possible that the prompt will not be kept (see :meth:`generate_early`).
 
         Non-optimal rewrites are cached under the prompter, mode, contract, context and text; with
         ``conversation.deterministic`` the draw is seeded from that key too, so a turn gets the same rewrite on
@@ -167,7 +215,7 @@ class PrompterStage:
         cached = await cache.get(key) if cache is not None else None
         out, reason = cached, None
         if out is None:
-            out, reason = await self._attempt(text, mode, contract, context, seed)
+            out, reason = await self._attempt(text, mode, contract, context, seed, on_rewrite)
             if out is not None and cache is not None:
                 await cache.put(key, out)
         info.prompter_ms = round((time.perf_counter() - start) * 1000, 3)
@@ -175,12 +223,18 @@ class PrompterStage:
         return self._outcome(info, text, out, reason)
 
     async def _attempt(
-        self, text: str, mode: Mode, contract: Contract, context: Context = (), seed: int | None = None
+        self,
+        text: str,
+        mode: Mode,
+        contract: Contract,
+        context: Context = (),
+        seed: int | None = None,
+        on_rewrite: Callable[[], None] | None = None,
     ) -> tuple[str | None, str | None]:
         """One rewrite within the timeout: (the rewrite, or None with the reason); failures follow the policy."""
         try:
             async with asyncio.timeout(self.cfg.timeout_s):
-                return await self._draw(text, mode, contract, context, seed)
+                return await self._draw(text, mode, contract, context, seed, on_rewrite)
         except (ContextLengthError, UpstreamStatusError) as exc:
             return None, self._rejected(exc)
         except InvalidRequestError:
@@ -189,13 +243,22 @@ class PrompterStage:
             return None, self._unavailable(exc)
 
     async def _draw(
-        self, text: str, mode: Mode, contract: Contract, context: Context, seed: int | None
+        self,
+        text: str,
+        mode: Mode,
+        contract: Contract,
+        context: Context,
+        seed: int | None,
+        on_rewrite: Callable[[], None] | None,
     ) -> tuple[str | None, str | None]:
         if mode == "optimal":  # the rho* sampler scores single prompts: it does not see the conversation
             assert self.optimal is not None
             out = await self.optimal(text, contract)
             return out, (None if out is not None else "optimal_kept_original")
-        raw, finish = (await self.generate(text, mode, contract, context=context, seed=seed))[0]
+        if self.cfg.early_decision:
+            raw, finish = await self.generate_early(text, mode, contract, context, seed, on_rewrite)
+        else:
+            raw, finish = (await self.generate(text, mode, contract, context=context, seed=seed))[0]
         history = "\n".join(t for _, t in context)
         parsed = await asyncio.to_thread(self.validator, text, raw, finish, contract, history)
         return parsed.text, parsed.reason

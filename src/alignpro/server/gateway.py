@@ -14,7 +14,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -56,6 +56,7 @@ from alignpro.server.auth import ANONYMOUS, KeyStore, Principal
 from alignpro.server.limits import KeyLimiter
 from alignpro.server.metrics import Metrics
 from alignpro.server.shared import RedisBuckets, RedisRewriteCache, SharedRedis
+from alignpro.server.speculative import Held, Opened, guarded
 from alignpro.server.tracing import Tracing, from_settings
 from alignpro.settings import AliasConfig, Settings
 
@@ -287,16 +288,18 @@ class Gateway:
         contract: Contract,
         context: Context = (),
         scope: str = "",
+        on_rewrite: Callable[[], None] | None = None,
     ) -> Rewrite:
         """The prompter stage of ``route`` on ``text`` (timed and counted); no text or mode ``off``: nothing.
-        ``scope`` (the caller's id) keeps cached rewrites apart per caller."""
+        ``scope`` (the caller's id) keeps cached rewrites apart per caller; ``on_rewrite``: see
+        :meth:`PrompterStage.rewrite`."""
         if text is None or not text.strip() or mode == "off":
             info = AlignProInfo(mode=mode, contract=None if mode == "off" else contract, original_prompt=text)
             if mode != "off":
                 info.fallback = "no_text"
             return Rewrite(info, text or "")
         with self.tracing.span("alignpro.prompter", alias=route.alias, mode=mode) as span:
-            rw = await route.stage.rewrite(text, mode, contract, context, scope)
+            rw = await route.stage.rewrite(text, mode, contract, context, scope, on_rewrite)
             how = "cached" if rw.info.cached else outcome(rw.info)
             if span is not None:
                 span.set_attribute("outcome", how)
@@ -315,6 +318,7 @@ class Gateway:
         contract: Contract,
         signals: list[str] | None = None,
         scope: str = "",
+        on_rewrite: Callable[[], None] | None = None,
     ) -> tuple[dict[int, Rewrite], Rewrite]:
         """The conversation contract (README, "Conversations and agents") on the turns ``chat``: the rewrites to
         put in place, by message index, and the newest user turn's (what the ``alignpro`` object reports).
@@ -339,7 +343,13 @@ class Gateway:
             outs = await asyncio.gather(
                 *(
                     self._apply_prompter(
-                        route, chat[i].text(), mode, contract, _context(chat, i, conv.context_turns), scope
+                        route,
+                        chat[i].text(),
+                        mode,
+                        contract,
+                        _context(chat, i, conv.context_turns),
+                        scope,
+                        on_rewrite,
                     )
                     for i in targets
                 )
@@ -362,10 +372,11 @@ class Gateway:
         contract: Contract,
         signals: list[str] | None = None,
         scope: str = "",
+        on_rewrite: Callable[[], None] | None = None,
     ) -> tuple[list[dict[str, Any]], Rewrite]:
         """The messages of ``chat`` with the conversation contract applied; every message it does not rewrite
         goes upstream exactly as received."""
-        applied, rw = await self._rewrite_turns(route, chat, mode, contract, signals, scope)
+        applied, rw = await self._rewrite_turns(route, chat, mode, contract, signals, scope, on_rewrite)
         messages = [m.wire() for m in chat]
         for i, out in applied.items():
             _apply(messages, i, out)
@@ -419,12 +430,17 @@ class Gateway:
         self._check_fields(route, req.model_extra, req.messages)
         mode, contract = self._mode(route, req.alignpro, who)
         self._screen_chat(route, mode, req.messages)
-        messages, rw = await self._prompt_messages(
-            route, req.messages, mode, contract, req.agent_signals(), who.id
+        as_sent = req.upstream_payload(route.upstream_model, messages=[m.wire() for m in req.messages])
+        held = self._speculate(route, who, mode, contract, as_sent, req.stream, "chat")
+        messages, rw = await guarded(
+            held,
+            self._prompt_messages(
+                route, req.messages, mode, contract, req.agent_signals(), who.id, _cancel(held)
+            ),
         )
         call.prompted(route.alias, rw.info, rw.sent_text())
         body = req.upstream_payload(route.upstream_model, messages=messages)
-        return await self._forward(route, who, call, rw.info, body, req.stream, kind="chat")
+        return await self._forward(route, who, call, rw.info, body, req.stream, "chat", held)
 
     async def completion(
         self, req: CompletionRequest, who: Principal = ANONYMOUS, call: Call | None = None
@@ -451,9 +467,14 @@ class Gateway:
             "prompt",
             route.cfg.prompter.allow_unscreened,
         )
-        rw = await self._apply_prompter(route, text, mode, contract, scope=who.id)
         # A completion has one length field upstream (max_tokens); max_completion_tokens is its chat name.
         replace: dict[str, Any] = {"max_tokens": req.output_limit()} if req.max_completion_tokens else {}
+        held = self._speculate(
+            route, who, mode, contract, _completion_body(req, route, replace), req.stream, "completion"
+        )
+        rw = await guarded(
+            held, self._apply_prompter(route, text, mode, contract, scope=who.id, on_rewrite=_cancel(held))
+        )
         if rw.info.rewritten:
             # A completion prompt has no system turn: augment guidance goes in front of the verbatim prompt.
             replace["prompt"] = rw.sent_text()
@@ -462,9 +483,8 @@ class Gateway:
                 "prompt_not_text"  # allowed unscreened: token ids or a batch are passed through
             )
         call.prompted(route.alias, rw.info, replace.get("prompt", text))
-        body = req.upstream_payload(route.upstream_model, **replace)
-        body.pop("max_completion_tokens", None)
-        return await self._forward(route, who, call, rw.info, body, req.stream, kind="completion")
+        body = _completion_body(req, route, replace)
+        return await self._forward(route, who, call, rw.info, body, req.stream, "completion", held)
 
     async def responses(
         self, req: ResponsesRequest, who: Principal = ANONYMOUS, call: Call | None = None
@@ -481,10 +501,46 @@ class Gateway:
         # `instructions` is the caller's system prompt, screened like a system message
         system = [ChatMessage(role="system", content=req.instructions)] if req.instructions else []
         self._screen_chat(route, mode, system + turns)
-        applied, rw = await self._rewrite_turns(route, turns, mode, contract, req.agent_signals(), who.id)
+        as_sent = req.upstream_payload(route.upstream_model, **_responses_input(req, {}))
+        held = self._speculate(route, who, mode, contract, as_sent, req.stream, "responses")
+        applied, rw = await guarded(
+            held,
+            self._rewrite_turns(route, turns, mode, contract, req.agent_signals(), who.id, _cancel(held)),
+        )
         call.prompted(route.alias, rw.info, rw.sent_text())
         body = req.upstream_payload(route.upstream_model, **_responses_input(req, applied))
-        return await self._forward(route, who, call, rw.info, body, req.stream, kind="responses")
+        return await self._forward(route, who, call, rw.info, body, req.stream, "responses", held)
+
+    def _speculate(
+        self,
+        route: Route,
+        who: Principal,
+        mode: Mode,
+        contract: Contract,
+        body: dict[str, Any],
+        stream: bool,
+        kind: Api,
+    ) -> Held | None:
+        """With ``prompter.speculative``, start the frozen model on the request as sent (``body``) now; see
+        :mod:`alignpro.server.speculative`. Augment always adds a guidance and rho* is K answers already: no."""
+        if not route.cfg.prompter.speculative or mode in ("off", "optimal") or contract != "rewrite":
+            return None
+        body, _ = self._upstream_body(who, body, stream, kind)
+        return Held(body, self._open(route, body, stream, kind))
+
+    def _upstream_body(
+        self, who: Principal, body: dict[str, Any], stream: bool, kind: Api
+    ) -> tuple[dict[str, Any], bool]:
+        """The body the frozen engine gets, and whether the gateway asked for a usage chunk the client did not.
+        A key with a token budget is charged from the stream's usage: the upstream is asked for it even when the
+        client did not, and that extra chunk is kept from the client (some clients stumble on its empty choices).
+        """
+        hide_usage = (
+            stream and kind != "responses" and self.limiter.limits(who).tpm > 0 and not _asks_usage(body)
+        )
+        if hide_usage:
+            body = {**body, "stream_options": {**(body.get("stream_options") or {}), "include_usage": True}}
+        return body, hide_usage
 
     async def _forward(
         self,
@@ -495,49 +551,76 @@ class Gateway:
         body: dict[str, Any],
         stream: bool,
         kind: Api,
+        held: Held | None = None,
     ) -> Reply:
+        body, hide_usage = self._upstream_body(who, body, stream, kind)
+        opened, start = await self._answer(route, call, info, body, stream, kind, held)
         headers = self._headers(info)
-        engine = route.engine
-        start = time.perf_counter()
-        if not stream:
-            answer = {"chat": engine.chat, "completion": engine.completion, "responses": engine.responses}[
-                kind
-            ]
-            try:
-                with self.tracing.span("alignpro.frozen", alias=route.alias, stream=False):
-                    resp = await answer(body)
-            finally:
-                self._frozen_done(route, call, start)
-            await self._count_usage(route.alias, who, resp.get("usage"))
-            resp["alignpro"] = self._visible(info, who)
-            return Reply(info, headers, body=resp)
-        streams = {
-            "chat": engine.chat_stream,
-            "completion": engine.completion_stream,
-            "responses": engine.responses_stream,
-        }
-        # A key with a token budget is charged from the stream's usage: ask the upstream for it even when the
-        # client did not, and keep that extra chunk from the client (some clients stumble on its empty choices).
-        hide_usage = kind != "responses" and self.limiter.limits(who).tpm > 0 and not _asks_usage(body)
-        if hide_usage:
-            body = {**body, "stream_options": {**(body.get("stream_options") or {}), "include_usage": True}}
-        gen = streams[kind](body)
-        try:
-            # The span covers the stream's opening, to its first event; the rest is relayed after the route returned.
-            with self.tracing.span("alignpro.frozen", alias=route.alias, stream=True):
-                first = await gen.__anext__()  # upstream errors surface here, before any byte is sent
-        except StopAsyncIteration:
-            first = DONE_EVENT
-        except BaseException:
-            await gen.aclose()  # type: ignore[attr-defined]
+        if isinstance(opened, dict):
             self._frozen_done(route, call, start)
-            raise
+            await self._count_usage(route.alias, who, opened.get("usage"))
+            opened["alignpro"] = self._visible(info, who)
+            return Reply(info, headers, body=opened)
+        first, gen = opened
         call.ttft_ms = call.since_start_ms()
         self.metrics.ttft_seconds.labels(route.alias).observe(call.ttft_ms / 1000)
         relay = self._relay(
             route, who, call, info, first, gen, start, responses=kind == "responses", hide_usage=hide_usage
         )
         return Reply(info, headers, stream=relay)
+
+    async def _answer(
+        self,
+        route: Route,
+        call: Call,
+        info: AlignProInfo,
+        body: dict[str, Any],
+        stream: bool,
+        kind: Api,
+        held: Held | None,
+    ) -> tuple[Opened, float]:
+        """The frozen model's answer to ``body`` and when it started: the held one if it was started on this very
+        body, else a new call (the held one discarded)."""
+        if held is not None:
+            info.speculative = "released" if held.body == body else "discarded"
+            self.metrics.speculative.labels(route.alias, info.speculative).inc()
+            if info.speculative == "released":
+                return await self._timed(route, call, held.started, held.take()), held.started
+            await held.discard()
+        start = time.perf_counter()
+        return await self._timed(route, call, start, self._open(route, body, stream, kind)), start
+
+    async def _timed(self, route: Route, call: Call, start: float, opening: Awaitable[Opened]) -> Opened:
+        try:
+            return await opening
+        except BaseException:
+            self._frozen_done(route, call, start)
+            raise
+
+    async def _open(self, route: Route, body: dict[str, Any], stream: bool, kind: Api) -> Opened:
+        """Call the frozen engine: the whole response, or a stream up to its first event (so upstream errors
+        surface here, before any byte is sent)."""
+        engine = route.engine
+        if not stream:
+            answer = {"chat": engine.chat, "completion": engine.completion, "responses": engine.responses}
+            with self.tracing.span("alignpro.frozen", alias=route.alias, stream=False):
+                return await answer[kind](body)
+        streams = {
+            "chat": engine.chat_stream,
+            "completion": engine.completion_stream,
+            "responses": engine.responses_stream,
+        }
+        gen = streams[kind](body)
+        try:
+            # The span covers the stream's opening, to its first event; the rest is relayed after the route returned.
+            with self.tracing.span("alignpro.frozen", alias=route.alias, stream=True):
+                first = await gen.__anext__()
+        except StopAsyncIteration:
+            first = DONE_EVENT
+        except BaseException:
+            await gen.aclose()  # type: ignore[attr-defined]
+            raise
+        return first, gen
 
     def _frozen_done(self, route: Route, call: Call, start: float) -> None:
         took = time.perf_counter() - start
@@ -648,6 +731,17 @@ def _optimal_sampler(route: Route, reward: str | RewardFn) -> SelectRewrite:
 
         return unavailable
     return for_stage(route.stage, route.engine, route.cfg.model, reward=reward)
+
+
+def _cancel(held: Held | None) -> Callable[[], None] | None:
+    """The prompter's early-rewrite hook: stop the held answer, which will not be sent."""
+    return held.cancel if held is not None else None
+
+
+def _completion_body(req: CompletionRequest, route: Route, replace: dict[str, Any]) -> dict[str, Any]:
+    body = req.upstream_payload(route.upstream_model, **replace)
+    body.pop("max_completion_tokens", None)
+    return body
 
 
 def _asks_usage(body: dict[str, Any]) -> bool:

@@ -72,6 +72,13 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.speculative = Counter(
+            "alignpro_speculative_starts",
+            "Speculative starts of the frozen model by outcome: released (the prompter kept the request) or "
+            "discarded (it rewrote it; the tokens generated so far were spent for nothing).",
+            ["alias", "outcome"],
+            registry=r,
+        )
         self.cache_hits = Counter("alignpro_rewrite_cache_hits", "Rewrite cache hits.", registry=r)
         self.cache_misses = Counter("alignpro_rewrite_cache_misses", "Rewrite cache misses.", registry=r)
         self.inflight = Gauge("alignpro_inflight_requests", "Requests being served.", registry=r)

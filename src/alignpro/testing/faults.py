@@ -15,6 +15,8 @@ It answers like an instant OpenAI server, except for what the request's ``model`
     flaky-<n>[-x] answer 503 to the first <n> requests for this model name, then normally
     ratelimit-<n>[-x]  answer 429 with ``Retry-After: 1`` to the first <n> requests, then normally
     slowstream-<s>  a stream of 6 chunks, <s> seconds apart (counts streams finished and abandoned by the client)
+    slowsay-<s>-<text>  <text> streamed in pieces of 3 characters, <s> seconds apart (counted like slowstream): a
+                  prompter whose output the gateway reads as it is generated
 
 It runs in a thread of the test process (uvicorn on a free loopback port) and counts what it received, or as
 its own process for benchmarks: ``python -m alignpro.testing.faults --port 9100``.
@@ -167,9 +169,12 @@ class FaultInjector:
                 err = {"message": f"injected {kind}", "type": "injected", "param": None, "code": kind}
                 headers = {"retry-after": "1"} if kind == "ratelimit" else None
                 return JSONResponse({"error": err}, status_code=status, headers=headers)
-        if body.get("stream") and model.startswith("slowstream-"):
-            gap = float(model.split("-", 1)[1])
-            return StreamingResponse(self._slow_stream(model, gap), media_type="text/event-stream")
+        if body.get("stream") and model.startswith(("slowstream-", "slowsay-")):
+            kind, rest = model.split("-", 1)
+            gap, _, text = rest.partition("-")
+            pieces = [str(i) for i in range(6)] if kind == "slowstream" else _pieces(text)
+            events = self._slow_stream(model, float(gap), pieces)
+            return StreamingResponse(events, media_type="text/event-stream")
         if body.get("stream"):
             usage = bool((body.get("stream_options") or {}).get("include_usage"))
             return StreamingResponse(
@@ -194,10 +199,13 @@ class FaultInjector:
         return True
 
     async def _stream(self, model: str, drop: bool, usage: bool = False) -> Any:
-        yield _chunk(model, "o")
+        # A say-<text> prompter streams what it would answer.
+        first, *rest = _pieces(model[4:] if model.startswith("say-") else "ok")
+        yield _chunk(model, first)
         if drop:
             raise ConnectionResetError("injected: stream dropped")
-        yield _chunk(model, "k")
+        for piece in rest:
+            yield _chunk(model, piece)
         yield _chunk(model, None, "stop")
         if model == "negusage" or usage:  # stream_options.include_usage: a last chunk with no choices
             last: dict[str, Any] = {
@@ -211,10 +219,10 @@ class FaultInjector:
             yield b"data: " + json.dumps(last).encode() + b"\n\n"
         yield b"data: [DONE]\n\n"
 
-    async def _slow_stream(self, model: str, gap: float) -> Any:
+    async def _slow_stream(self, model: str, gap: float, pieces: list[str]) -> Any:
         try:
-            for i in range(6):
-                yield _chunk(model, str(i))
+            for piece in pieces:
+                yield _chunk(model, piece)
                 await asyncio.sleep(gap)
             yield _chunk(model, None, "stop")
             yield b"data: [DONE]\n\n"
@@ -222,6 +230,11 @@ class FaultInjector:
         except BaseException:  # the client closed the connection: starlette cancels or closes this generator
             self.streams["abandoned"] += 1
             raise
+
+
+def _pieces(text: str) -> list[str]:
+    """``text`` as the pieces of 3 characters a stream sends it in (one empty piece for no text)."""
+    return [text[i : i + 3] for i in range(0, len(text), 3)] or [""]
 
 
 if __name__ == "__main__":

@@ -154,13 +154,14 @@ class ScriptedUpstream:
 
     async def _chat(self, request: Request) -> Response:
         body = await self._record(request)
-        if _is_prompter(body):
-            return JSONResponse(
-                _completion(body, {"role": "assistant", "content": self._rewrite(body)}, "stop")
-            )
-        message, finish = _agent_turn(body)
+        prompter = _is_prompter(body)
+        if prompter:
+            message, finish = {"role": "assistant", "content": self._rewrite(body)}, "stop"
+        else:
+            message, finish = _agent_turn(body)
         if body.get("stream"):
-            return StreamingResponse(self._stream(body, message, finish), media_type="text/event-stream")
+            events = self._stream(body, message, finish, record=not prompter)
+            return StreamingResponse(events, media_type="text/event-stream")
         return JSONResponse(_completion(body, message, finish))
 
     def _rewrite(self, body: dict[str, Any]) -> str:
@@ -176,8 +177,10 @@ class ScriptedUpstream:
         return f"{VARIANTS[k % len(VARIANTS)]} {text}"
 
     async def _stream(
-        self, body: dict[str, Any], message: dict[str, Any], finish: str
+        self, body: dict[str, Any], message: dict[str, Any], finish: str, record: bool = True
     ) -> AsyncIterator[bytes]:
+        """``message`` as a stream; ``record``: keep its events in ``sent_events`` (the frozen model's)."""
+
         def chunk(delta: dict[str, Any], reason: str | None = None) -> bytes:
             out = _completion(body, {}, reason)
             out["object"] = "chat.completion.chunk"
@@ -202,7 +205,8 @@ class ScriptedUpstream:
         if message.get("content"):
             events.append(chunk({"content": message["content"]}))
         events += [chunk({}, finish), DONE_EVENT]
-        self.sent_events = events
+        if record:
+            self.sent_events = events
         for event in events:
             yield event
 

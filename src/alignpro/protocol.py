@@ -97,6 +97,10 @@ class AlignProInfo(_Open):
     kept: bool = Field(
         False, description="The prompter ran and chose to keep the prompt as it is (it answered KEEP)."
     )
+    gated: bool = Field(
+        False,
+        description="The gate (prompter.gate) skipped the prompter, sure that it would keep the prompt.",
+    )
     guidance: str | None = Field(None, description="augment contract: the system guidance that was added.")
     fallback: str | None = Field(
         None, description="Why the original prompt was used, when the prompter failed."

@@ -99,6 +99,10 @@ DEFAULT_CONTEXT_TURNS = (
 )
 
 
+# The request head's P(harmful) below which the gate skips the prompter; bench/gate.py chose it on the train split.
+DEFAULT_GATE_THRESHOLD = 0.1
+
+
 class ConversationConfig(BaseModel):
     """How the prompter treats a chat with history (README, "Conversations and agents")."""
 
@@ -125,6 +129,22 @@ class ConversationConfig(BaseModel):
         "user_turns",
         description="Requests with tools, tool_choice, a JSON response_format or a tool result last: "
         "user_turns: rewrite user text only; off: no prompter at all.",
+    )
+
+
+class GateConfig(BaseModel):
+    """A cheap classifier in front of the prompter (README, "The gate"): it skips the prompter for requests it
+    is confident the prompter would keep. Needs the ``[local]`` extra."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(False, description="Skip the prompter for requests the request head calls benign.")
+    threshold: float = Field(
+        DEFAULT_GATE_THRESHOLD,
+        gt=0,
+        lt=1,
+        description="Skip only when P(harmful) of the user turn, and of each earlier message the prompter would "
+        "see, is below this (chosen on the train split: bench/results/gate-*.json).",
     )
 
 
@@ -159,6 +179,7 @@ class PrompterConfig(BaseModel):
         "tokens it had generated) and starts the frozen model on the rewrite.",
     )
     conversation: ConversationConfig = Field(default_factory=ConversationConfig)
+    gate: GateConfig = Field(default_factory=GateConfig)
     allowed_modes: list[Mode] = Field(
         default_factory=list,
         description="Other modes a request may pick with alignpro.mode (its own mode is always allowed): "

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from alignpro.errors import (
     UpstreamUnavailableError,
 )
 from alignpro.prompter.cache import RewriteCache, rewrite_key
+from alignpro.prompter.gate import Gate
 from alignpro.prompter.instruction import (
     EARLY_KEEP,
     EARLY_REWRITE,
@@ -40,6 +42,8 @@ from alignpro.prompter.validate import Validator, default_validator
 from alignpro.prompter.version import instruction_digest
 from alignpro.protocol import AlignProInfo, Contract, Mode
 from alignpro.settings import PrompterConfig
+
+log = logging.getLogger(__name__)
 
 # (text, contract) -> the chosen rewrite, or None when the original prompt won; installed by the rho* sampler
 SelectRewrite = Callable[[str, Contract], Awaitable[str | None]]
@@ -85,6 +89,8 @@ class PrompterStage:
         self.on_fallback = on_fallback
         # Empty, truncated, leaking or off-topic output falls back to the original prompt (counted there).
         self.validator: Validator = validator or default_validator()
+        # Skips the prompter for requests it would keep (opt-in; a ConfigError without the [local] extra).
+        self.gate: Gate | None = Gate(cfg.gate) if cfg.gate.enabled else None
 
     async def start(self) -> None:
         """Load what the first rewrite would otherwise wait for (the validator's embedding model); learn the
@@ -93,6 +99,8 @@ class PrompterStage:
         similarity = getattr(self.validator, "similarity", None)
         if similarity is not None and self.cfg.mode != "off":
             await asyncio.to_thread(similarity, "warm", "up")
+        if self.gate is not None and self.cfg.mode != "off":
+            await asyncio.to_thread(self.gate.skips, "warm up")
 
     async def refresh_fingerprint(self) -> None:
         """Ask the engine which weights serve the prompter now (after an adapter swap, another version)."""
@@ -204,6 +212,9 @@ class PrompterStage:
             )
         rendered = render_context(context)
         info.context_turns = len(context)
+        gated = await self._gated(info, text, context)
+        if gated is not None:
+            return gated
         # A rho* draw is a fresh sample each time: only the other modes are cached.
         cache = self.cache if mode != "optimal" else None
         digest = hashlib.sha256(rendered.encode()).hexdigest()
@@ -221,6 +232,22 @@ class PrompterStage:
         info.prompter_ms = round((time.perf_counter() - start) * 1000, 3)
         info.cached = cached is not None
         return self._outcome(info, text, out, reason)
+
+    async def _gated(self, info: AlignProInfo, text: str, context: Context) -> Rewrite | None:
+        """The original prompt, reported as ``gated``, when the gate is confident the prompter would keep it.
+        Only the rewrite contract has KEEP: augment guidance is always written."""
+        if self.gate is None or info.contract != "rewrite":
+            return None
+        start = time.perf_counter()
+        try:
+            skip = await asyncio.to_thread(self.gate.skips, text, context)
+        except Exception:  # the gate only saves time: when it fails, the prompter decides
+            log.warning("the prompter gate failed; the prompter runs", exc_info=True)
+            return None
+        if not skip:
+            return None
+        info.gated, info.prompter_ms = True, round((time.perf_counter() - start) * 1000, 3)
+        return Rewrite(info, text)
 
     async def _attempt(
         self,

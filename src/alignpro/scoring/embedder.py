@@ -85,6 +85,15 @@ class Embedder:
             return np.zeros((0, self.dim), dtype=np.float64)
         return np.stack([found[t] for t in texts]).astype(np.float64)
 
+    def reads_whole(self, text: str) -> bool:
+        """Whether the model reads ``text`` in full (it truncates at ``max_seq_length`` word pieces)."""
+        limit = int(getattr(self.model, "max_seq_length", 0) or 0)
+        # A word piece covers at least one character, so a text this short always fits (no tokenizing).
+        if not limit or len(text) <= limit - 2:
+            return True
+        with self._encode_lock:  # the tokenizer is the model's, which is not safe to share across threads
+            return len(self.model.tokenizer(text, verbose=False)["input_ids"]) <= limit
+
     @property
     def dim(self) -> int:
         # sentence-transformers 6 renamed the method; older releases only have the long name.

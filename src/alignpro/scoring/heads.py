@@ -384,6 +384,24 @@ def _class_balanced(y: Array) -> Array:
     return np.where(y >= 0.5, len(y) / (2 * pos), len(y) / (2 * neg))
 
 
+def request_folds(ids: Sequence[str]) -> npt.NDArray[np.int64]:
+    """The cross-validation fold of each request id (by hash, so a row keeps its fold as rows are added)."""
+    return np.array([row_hash(i) % CV_FOLDS for i in ids], dtype=np.int64)
+
+
+def request_cv_predict(x: Array, y: Array, folds: npt.NDArray[np.int64], lam: float) -> Array:
+    """Out-of-fold P(harmful) of the request head's training rows: each fold scored by a head fitted as the
+    shipped one is (class-balanced, ``lam``) on the other folds. What a threshold is chosen on without the dev
+    split (bench/gate.py)."""
+    weights = _class_balanced(y)
+    pred = np.zeros_like(y)
+    for k in np.unique(folds):
+        tr, te = folds != k, folds == k
+        w, b = fit_logistic(x[tr], y[tr], lam, weights=weights[tr])
+        pred[te] = _sigmoid(x[te] @ w + b)
+    return pred
+
+
 def fit_request_head(
     prompts: Path | Sequence[Path], out_dir: Path, embedder: Embedder | None = None
 ) -> dict[str, Any]:
@@ -401,16 +419,12 @@ def fit_request_head(
     x = embedder.encode([e.prompt for e in rows])
     y = np.array([e.kind == "harmful" for e in rows], dtype=np.float64)
     dev = np.array([split_of(e.id) == "dev" for e in rows])
-    folds = np.array([row_hash(e.id) % CV_FOLDS for e in rows], dtype=np.int64)[~dev]
+    folds = request_folds([e.id for e in rows])[~dev]
     xt, yt, wt = x[~dev], y[~dev], _class_balanced(y[~dev])
-    cv: dict[str, float] = {}
-    for lam in LAMBDAS:
-        pred = np.zeros_like(yt)
-        for k in range(CV_FOLDS):
-            tr, te = folds != k, folds == k
-            w, b = fit_logistic(xt[tr], yt[tr], lam, weights=wt[tr])
-            pred[te] = _sigmoid(xt[te] @ w + b)
-        cv[f"r@{lam:g}"] = metrics(pred, yt, "request")["log_loss"]
+    cv = {
+        f"r@{lam:g}": metrics(request_cv_predict(xt, yt, folds, lam), yt, "request")["log_loss"]
+        for lam in LAMBDAS
+    }
     lam = LAMBDAS[int(np.argmin(list(cv.values())))]
     w, b = fit_logistic(xt, yt, lam, weights=wt)
     dev_metrics = metrics(_sigmoid(x[dev] @ w + b), y[dev], "request")

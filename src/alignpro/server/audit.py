@@ -11,6 +11,7 @@ byte included) on the ``alignpro.audit`` logger::
      "total_ms": 352.9, "status": 200}
 
 ``outcome`` is ``rewritten`` (the frozen model got another prompt), ``kept`` (the prompter answered KEEP),
+``gated`` (the gate skipped the prompter: ``prompter.gate``),
 ``fallback`` (the prompter failed; ``reason`` says why), ``off`` (no prompter) or null (no model was asked).
 Prompts appear as SHA-256 digests of their UTF-8 text, the prompts themselves only with
 ``audit_log_prompts=true``. The request id is the client's ``x-request-id`` or a fresh one; it is sent
@@ -38,6 +39,8 @@ def sha256(text: str | None) -> str | None:
 def outcome(info: AlignProInfo) -> str:
     if info.mode == "off":
         return "off"
+    if info.gated:
+        return "gated"
     if info.rewritten:
         return "rewritten"
     return "kept" if info.kept else "fallback"

@@ -278,6 +278,8 @@ class Gateway:
                 h["x-alignpro-degraded"] = "prompter-unavailable"
         if info.cached:
             h["x-alignpro-cache"] = "hit"
+        if info.gated:
+            h["x-alignpro-gated"] = "true"
         return h
 
     async def _apply_prompter(
@@ -306,7 +308,7 @@ class Gateway:
         self.metrics.prompter_seconds.labels(route.alias, how).observe(rw.info.prompter_ms / 1000)
         if rw.info.cached:
             self.metrics.cache_hits.inc()
-        elif mode != "optimal" and self.cache is not None:
+        elif mode != "optimal" and self.cache is not None and not rw.info.gated:
             self.metrics.cache_misses.inc()
         return rw
 

@@ -50,7 +50,7 @@ class Metrics:
         )
         self.prompter_seconds = Histogram(
             "alignpro_prompter_seconds",
-            "Latency of the prompter stage by what it did: rewritten, kept (KEEP), fallback, cached.",
+            "Latency of the prompter stage by what it did: rewritten, kept (KEEP), gated, fallback, cached.",
             ["alias", "outcome"],
             buckets=_LATENCY_BUCKETS,
             registry=r,

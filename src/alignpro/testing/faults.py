@@ -20,15 +20,20 @@ It answers like an instant OpenAI server, except for what the request's ``model`
 
 It runs in a thread of the test process (uvicorn on a free loopback port) and counts what it received, or as
 its own process for benchmarks: ``python -m alignpro.testing.faults --port 9100``.
+
+:func:`missing_modules` is another fault: an extra that is not installed, in this process.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import uvicorn
@@ -235,6 +240,22 @@ class FaultInjector:
 def _pieces(text: str) -> list[str]:
     """``text`` as the pieces of 3 characters a stream sends it in (one empty piece for no text)."""
     return [text[i : i + 3] for i in range(0, len(text), 3)] or [""]
+
+
+@contextmanager
+def missing_modules(*names: str) -> Iterator[None]:
+    """Fault: the modules ``names`` are not installed (the base install without an extra). Importing one raises
+    ImportError and ``importlib.util.find_spec`` finds none, as a ``None`` entry in ``sys.modules`` makes them;
+    code that imported them before keeps its references."""
+    saved = {n: sys.modules[n] for n in names if n in sys.modules}
+    for n in names:
+        sys.modules[n] = None  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        for n in names:
+            sys.modules.pop(n, None)
+        sys.modules.update(saved)
 
 
 if __name__ == "__main__":

@@ -158,3 +158,30 @@ aliases:
     log = server.log_text()
     assert log.count("the off-topic check of prompter outputs is off") == 1, log
     assert "Traceback" not in log, log
+
+
+def test_enabling_the_gate_says_it_needs_the_local_extra(
+    base_venv: Path, upstream: FaultInjector, tmp_path: Path
+) -> None:
+    """The prompter gate reads MiniLM embeddings: without the [local] extra, serving it is refused at start."""
+    config = tmp_path / "gateway.yaml"
+    config.write_text(
+        f"""
+engines:
+  stub: {{kind: openai, urls: ["{upstream.url}"], model: ok}}
+aliases:
+  aligned:
+    engine: stub
+    prompter: {{mode: reference, engine: stub, gate: {{enabled: true}}}}
+"""
+    )
+    res = subprocess.run(
+        [str(base_venv / "alignpro"), "serve", "--port", str(free_port()), "--config", str(config)],
+        capture_output=True,
+        text=True,
+        env=_clean_env(),
+        timeout=120,
+    )
+    assert res.returncode == 2, (res.stdout, res.stderr)
+    assert "prompter.gate.enabled needs the [local] extra" in res.stderr and "numpy" in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr, res.stderr

@@ -64,6 +64,7 @@ class TurnRewrite(_Open):
 
     index: int = Field(..., description="The message's index in the request's messages.")
     rewritten: bool = False
+    gated: bool = False
     cached: bool = False
     fallback: str | None = None
     original_prompt: str | None = None

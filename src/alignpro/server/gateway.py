@@ -765,6 +765,7 @@ def _turn(idx: int, info: AlignProInfo) -> TurnRewrite:
     return TurnRewrite(
         index=idx,
         rewritten=info.rewritten,
+        gated=info.gated,
         cached=info.cached,
         fallback=info.fallback,
         original_prompt=info.original_prompt,

@@ -294,6 +294,14 @@ class Settings(BaseSettings):
 
     host: str = Field("127.0.0.1", description="Address to listen on: loopback only unless told otherwise.")
     port: int = Field(8000, ge=0, le=65535)
+    workers: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Gateway processes serving the port (alignpro serve --workers). Rate limits, the rewrite "
+        "cache and max_connections are per worker unless redis_url shares the first two; needs openai engines "
+        "only (a local engine would load its model once per worker).",
+    )
     allowed_hosts: list[str] | None = Field(
         None,
         description="Host names the gateway answers to (Host and Origin headers; '*' = any). Default: any when "
@@ -405,6 +413,14 @@ class Settings(BaseSettings):
                     continue
                 if ref not in self.engines:
                     raise ValueError(f"alias {name!r} names engine {ref!r}, which is not in engines")
+        local = sorted(n for n, e in self.engines.items() if e.kind == "local")
+        if self.workers > 1 and local:
+            # Each worker would load its own copy of the model and batch only its share of the requests, all
+            # copies competing for the same cores: slower than one worker, at N times the memory.
+            raise ValueError(
+                f"workers={self.workers} needs openai engines only, but {', '.join(local)} runs in-process and "
+                "would be loaded once per worker; serve the model with vLLM (an openai engine) or use workers=1"
+            )
         return self
 
 

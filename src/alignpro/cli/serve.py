@@ -12,7 +12,7 @@ from alignpro.settings import Settings
 
 
 def load(args: argparse.Namespace) -> Settings:
-    """Settings from ``--config`` and the environment, with ``--host``/``--port`` on top."""
+    """Settings from ``--config`` and the environment, with ``--host``/``--port``/``--workers`` on top."""
     from alignpro.settings import load_settings
 
     overrides: dict[str, Any] = {}
@@ -20,6 +20,8 @@ def load(args: argparse.Namespace) -> Settings:
         overrides["host"] = args.host
     if getattr(args, "port", None) is not None:
         overrides["port"] = args.port
+    if getattr(args, "workers", None) is not None:
+        overrides["workers"] = args.workers
     return load_settings(getattr(args, "config", None), **overrides)
 
 
@@ -30,8 +32,7 @@ def config_arg(sp: argparse.ArgumentParser) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     from alignpro.server.app import serve
 
-    serve(load(args))
-    return 0
+    return serve(load(args))
 
 
 def cmd_models_prepare(args: argparse.Namespace) -> int:
@@ -69,6 +70,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     s.add_argument("--host", help="address to bind (default 127.0.0.1, ALIGNPRO_HOST)")
     s.add_argument("--port", type=int, help="port (default 8000, ALIGNPRO_PORT)")
+    s.add_argument(
+        "--workers",
+        type=int,
+        help="gateway processes on the port (default 1, ALIGNPRO_WORKERS); more than 1 needs openai engines "
+        "only, and shares rate limits and the rewrite cache only through redis_url",
+    )
     config_arg(s)
     s.set_defaults(func=cmd_serve)
 

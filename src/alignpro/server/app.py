@@ -12,6 +12,7 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import uvicorn
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -121,19 +122,22 @@ def create_app(
 KEEP_ALIVE_S = 75  # seconds; nginx's default, and above the 60 s idle timeout of common load balancers
 
 
-def serve(settings: Settings) -> None:
-    import uvicorn
-
+def configure_logging(settings: Settings) -> None:
+    """The server's log lines (with the process id when several workers write to the same output) and the audit
+    trail: one bare JSON object a line, for log shippers to parse as is."""
+    pid = " [%(process)d]" if settings.workers > 1 else ""
     logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=settings.log_level.upper(), format=f"%(asctime)s %(levelname)s{pid} %(name)s: %(message)s"
     )
-    # The audit trail is one bare JSON object a line, for log shippers to parse as is.
     trail = logging.StreamHandler()
     trail.setFormatter(logging.Formatter("%(message)s"))
     audit.log.addHandler(trail)
     audit.log.setLevel(logging.INFO)
     audit.log.propagate = False
-    drain = Drain()
+
+
+def uvicorn_config(settings: Settings, drain: Drain) -> uvicorn.Config:
+    """The uvicorn configuration of one server process, around :func:`create_app`."""
     config = uvicorn.Config(
         create_app(settings, drain=drain),
         host=settings.host,
@@ -149,5 +153,19 @@ def serve(settings: Settings) -> None:
         http=guarded_protocol(settings.header_timeout_s),
         limit_concurrency=settings.max_connections,
     )
+    # After uvicorn.Config, which sets up uvicorn's loggers.
     logging.getLogger("uvicorn.access").addFilter(RedactQuery())
-    GracefulServer(config, drain).run()
+    return config
+
+
+def serve(settings: Settings) -> int:
+    """Serve until SIGTERM/SIGINT: in this process, or in ``settings.workers`` processes under a supervisor
+    (:mod:`alignpro.server.workers`). Returns the exit status."""
+    configure_logging(settings)
+    if settings.workers > 1:
+        from alignpro.server.workers import Supervisor
+
+        return Supervisor(settings).run()
+    drain = Drain()
+    GracefulServer(uvicorn_config(settings, drain), drain).run()
+    return 0

@@ -8,7 +8,7 @@ byte included) on the ``alignpro.audit`` logger::
     {"event": "request", "request_id": "...", "key_id": "key-1a2b3c4d5e6f", "route": "/v1/chat/completions",
      "alias": "aligned", "mode": "adapter", "outcome": "rewritten", "reason": null, "cached": false,
      "original_sha256": "...", "sent_sha256": "...", "prompter_ms": 41.2, "ttft_ms": 80.3, "frozen_ms": 310.5,
-     "total_ms": 352.9, "status": 200}
+     "total_ms": 352.9, "status": 200, "pid": 4711}
 
 ``outcome`` is ``rewritten`` (the frozen model got another prompt), ``kept`` (the prompter answered KEEP),
 ``gated`` (the gate skipped the prompter: ``prompter.gate``),
@@ -16,6 +16,8 @@ byte included) on the ``alignpro.audit`` logger::
 Prompts appear as SHA-256 digests of their UTF-8 text, the prompts themselves only with
 ``audit_log_prompts=true``. The request id is the client's ``x-request-id`` or a fresh one; it is sent
 upstream (:data:`alignpro.engines.base.REQUEST_ID`), so the gateway's line and vLLM's log of the same request can be joined.
+``pid`` is the gateway process that served the request: with ``alignpro serve --workers N`` it names the worker,
+whose other log lines carry the same id.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -92,6 +95,7 @@ class Call:
             "frozen_ms": self.frozen_ms,
             "total_ms": self.since_start_ms(),
             "status": status,
+            "pid": os.getpid(),
         }
         if prompts:
             line["original_prompt"], line["sent_prompt"] = self.original, self.sent

@@ -11,7 +11,10 @@ that the grace period might cut.
 from __future__ import annotations
 
 import logging
+import os
 import time
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from types import FrameType
 
 import uvicorn
@@ -40,12 +43,39 @@ class Drain:
         self.inflight -= 1
 
 
-class GracefulServer(uvicorn.Server):
-    """A uvicorn server that starts draining the app as soon as it is told to exit."""
+@dataclass
+class Supervised:
+    """A worker's link to the supervisor of ``alignpro serve --workers`` (:mod:`alignpro.server.workers`)."""
 
-    def __init__(self, config: uvicorn.Config, drain: Drain) -> None:
+    parent: int  # the supervisor's pid
+    ready: Connection  # written to once the worker serves: a worker that dies before is a startup failure
+    said_ready: bool = False
+
+
+class GracefulServer(uvicorn.Server):
+    """A uvicorn server that starts draining the app as soon as it is told to exit.
+
+    A worker (``supervised``) says when it serves, and checks once a second that the supervisor is still its
+    parent: when it is not, it drains and exits, so that no orphan keeps serving the port.
+    """
+
+    def __init__(self, config: uvicorn.Config, drain: Drain, supervised: Supervised | None = None) -> None:
         super().__init__(config)
         self.drain = drain
+        self.supervised = supervised
+
+    async def on_tick(self, counter: int) -> bool:
+        # Called by the main loop only, hence once startup is done.
+        sup = self.supervised
+        if sup is not None and counter % 10 == 0:
+            if not sup.said_ready:
+                sup.ready.send_bytes(b"serving")
+                sup.said_ready = True
+            if os.getppid() != sup.parent and not self.should_exit:
+                log.warning("the supervisor [%d] is gone: draining and exiting", sup.parent)
+                self.drain.begin()
+                self.should_exit = True
+        return await super().on_tick(counter)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         self.drain.begin()

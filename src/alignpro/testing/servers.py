@@ -39,7 +39,8 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _children(pid: int) -> list[int]:
+def child_pids(pid: int) -> list[int]:
+    """The pids of the live children of ``pid`` (from /proc; empty if it is gone)."""
     out: list[int] = []
     try:
         for task in os.listdir(f"/proc/{pid}/task"):
@@ -63,7 +64,7 @@ def cpu_seconds(pid: int) -> float:
             continue
         # fields[0] is field 3 (state); utime and stime are fields 14 and 15.
         total += (int(fields[11]) + int(fields[12])) / CLK_TCK
-        todo += _children(p)
+        todo += child_pids(p)
     return total
 
 

@@ -38,9 +38,9 @@ aliases:
 """
 
 
-def _gateway(tmp: Path, config: str, workers: int = 2, **env: str) -> Server:
+def _gateway(tmp: Path, config: str, env: dict[str, str] | None = None) -> Server:
     server = gateway_server(tmp, config, env=env)
-    server.args += ["--workers", str(workers)]
+    server.args += ["--workers", "2"]
     server.grace = 20.0
     return server
 
@@ -107,7 +107,7 @@ def _served_by(server: Server, prefix: str) -> set[int]:
 
 @pytest.fixture
 def two_workers(faults: FaultInjector, tmp_path: Path) -> Iterator[Server]:
-    server = _gateway(tmp_path, _config(faults), ALIGNPRO_SHUTDOWN_GRACE_S="10").start(timeout=180)
+    server = _gateway(tmp_path, _config(faults), {"ALIGNPRO_SHUTDOWN_GRACE_S": "10"}).start(timeout=180)
     try:
         yield server
     finally:
@@ -196,7 +196,7 @@ def test_workers_share_a_keys_rate_limit_through_redis(faults: FaultInjector, tm
     its RPM (plus the bucket's refill meanwhile), not RPM per worker, and both workers served some of them."""
     redis, redis_url = start_redis(tmp_path)
     env = {"ALIGNPRO_API_KEYS": json.dumps([{"key": KEY, "rate_limit_rpm": RPM}])}
-    server = _gateway(tmp_path, _config(faults, f'redis_url: "{redis_url}"'), **env)
+    server = _gateway(tmp_path, _config(faults, f'redis_url: "{redis_url}"'), env)
     try:
         server.start(timeout=180)
         t0 = time.monotonic()

@@ -9,6 +9,12 @@ time to first byte of the streams. Gateway CPU per request comes from /proc/<pid
 
     .venv/bin/python bench/passthrough.py                    # ~6 minutes
     .venv/bin/python bench/passthrough.py --seconds 3 --repeats 1 --systems direct,alignpro --tag quick
+    .venv/bin/python bench/passthrough.py --variant workers=2 --variant workers=4 --tag workers
+    .venv/bin/python bench/passthrough.py --variant transport=httpx-aiohttp --variant transport=aiohttp
+
+``--variant`` runs a further AlignPro gateway as its own system, in the same interleaved rounds: ``NAME=SRC``
+from another source tree (system ``alignpro-NAME``), ``SETTING=VALUE`` with a top-level setting
+(``workers=2``) or a setting of its openai engines (``transport=aiohttp``) changed (system ``SETTING=VALUE``).
 
 Writes bench/results/passthrough[-TAG]-<date>.json.
 """
@@ -20,9 +26,12 @@ import json
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
+from alignpro.settings import EngineConfig, Settings
+from alignpro.testing.servers import cpu_seconds
 from common import (
     ROOT,
     Server,
@@ -54,12 +63,21 @@ GOALS = {
 }
 
 
-def alignpro_config(upstream: str) -> str:
+def alignpro_config(upstream: str, setting: tuple[str, str] | None = None) -> str:
+    """The gateway's config; ``setting``: a (name, value) of Settings or of its openai engines, changed."""
+    top, engine = "", ""
+    if setting is not None:
+        name, value = setting
+        if name in EngineConfig.model_fields:
+            engine = f", {name}: {value}"
+        else:
+            top = f"{name}: {value}"
     return f"""
 log_level: warning
+{top}
 engines:
-  nginx: {{kind: openai, urls: ["{upstream}/v1"], model: upstream}}
-  nginx-stream: {{kind: openai, urls: ["{upstream}/stream/v1"], model: upstream}}
+  nginx: {{kind: openai, urls: ["{upstream}/v1"], model: upstream{engine}}}
+  nginx-stream: {{kind: openai, urls: ["{upstream}/stream/v1"], model: upstream{engine}}}
 aliases:
   passthrough: {{engine: nginx, prompter: {{mode: "off", engine: nginx}}}}
   passthrough-stream: {{engine: nginx-stream, prompter: {{mode: "off", engine: nginx-stream}}}}
@@ -114,17 +132,18 @@ def main(argv: list[str] | None = None) -> int:
         "--variant",
         action="append",
         default=[],
-        metavar="NAME=SRC",
+        metavar="NAME=SRC|SETTING=VALUE",
         help="also run AlignPro from another source tree (e.g. a copy before an optimisation), as system "
-        "alignpro-NAME: measures a change before/after in the same run",
+        "alignpro-NAME, or with one setting changed (workers=2, transport=aiohttp), as system SETTING=VALUE: "
+        "measures a change before/after in the same run",
     )
     args = ap.parse_args(argv)
     exit_on_sigterm()
 
     levels = [int(c) for c in args.concurrency.split(",")]
     systems = args.systems.split(",")
-    variants = dict(v.split("=", 1) for v in args.variant)
-    systems[1:1] = [f"alignpro-{name}" for name in variants]
+    variants = variant_systems(args.variant)
+    systems[1:1] = list(variants)
     if "litellm" in systems and not LITELLM.exists():
         print(
             f"(no {LITELLM}: LiteLLM skipped; make it with python -m venv .venv-litellm && "
@@ -146,12 +165,12 @@ def main(argv: list[str] | None = None) -> int:
             gw, gw_url = alignpro_gateway(work, alignpro_config(upstream))
             servers.append(gw)
             targets["alignpro"] = (gw_url, gw.pid, "")
-        for name, src in variants.items():
-            v, v_url = alignpro_gateway(
-                work, alignpro_config(upstream), env={"PYTHONPATH": str(Path(src).resolve())}
-            )
+        for system, (setting, src) in variants.items():
+            env = {"PYTHONPATH": str(Path(src).resolve())} if src else None
+            v, v_url = alignpro_gateway(work, alignpro_config(upstream, setting), env=env)
             servers.append(v)
-            targets[f"alignpro-{name}"] = (v_url, v.pid, "")
+            settle(v.pid)  # every worker started, not only the one that answered /health
+            targets[system] = (v_url, v.pid, "")
         if "litellm" in systems:
             ll, ll_url = litellm_server(work, upstream)
             servers.append(ll)
@@ -218,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
                 "rps/direct",
                 "cpu ms/req",
                 "vs litellm",
+                "rps/alignpro",
+                "cpu/alignpro",
             ],
             title="Pass-through (medians over repeats)",
         )
@@ -263,6 +284,32 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def settle(pid: int, quiet_s: float = 0.05, timeout: float = 120.0) -> None:
+    """Wait until a process tree spends under ``quiet_s`` CPU seconds in half a second (its start is over)."""
+    deadline = time.monotonic() + timeout
+    last = cpu_seconds(pid)
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        now = cpu_seconds(pid)
+        if now - last < quiet_s:
+            return
+        last = now
+
+
+def variant_systems(specs: list[str]) -> dict[str, tuple[tuple[str, str] | None, str | None]]:
+    """``--variant`` values -> {system: (setting changed or None, source tree or None)}."""
+    out: dict[str, tuple[tuple[str, str] | None, str | None]] = {}
+    for spec in specs:
+        name, sep, value = spec.partition("=")
+        if not sep:
+            raise SystemExit(f"--variant {spec!r}: expected NAME=SRC or SETTING=VALUE")
+        if name in Settings.model_fields or name in EngineConfig.model_fields:
+            out[spec] = ((name, value), None)
+        else:
+            out[f"alignpro-{name}"] = (None, value)
+    return out
+
+
 def summarize(
     runs: list[dict[str, Any]], systems: list[str], modes: list[str], levels: list[int]
 ) -> list[dict[str, Any]]:
@@ -292,10 +339,17 @@ def summarize(
                         "vs litellm": round(m["rps"] / med["litellm"]["rps"], 2)
                         if "litellm" in med
                         else None,
+                        # Variants against the default gateway: throughput and CPU per request.
+                        "rps/alignpro": ratio(m["rps"], med, "alignpro", "rps"),
+                        "cpu/alignpro": ratio(m["cpu_ms_per_req"], med, "alignpro", "cpu_ms_per_req"),
                         "errors": int(m["errors"]),
                     }
                 )
     return rows
+
+
+def ratio(value: float, med: dict[str, dict[str, float]], base: str, key: str) -> float | None:
+    return round(value / med[base][key], 3) if base in med and med[base][key] else None
 
 
 def check_goals(rows: list[dict[str, Any]], systems: list[str]) -> dict[str, Any]:

@@ -30,14 +30,14 @@ import json
 import logging
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 
 from alignpro.engines.base import REQUEST_ID, Engine, stream_ends, stream_error
-from alignpro.engines.transport import FastTransport
+from alignpro.engines.transport import UpstreamClient, upstream_client
 from alignpro.errors import (
     AlignProError,
     UpstreamError,
@@ -103,7 +103,7 @@ def safe_message(message: str, secret: str | None) -> str | None:
     return message
 
 
-def _server_error(status: int, parsed: dict[str, Any] | None, headers: httpx.Headers) -> AlignProError:
+def _server_error(status: int, parsed: dict[str, Any] | None, headers: Mapping[str, str]) -> AlignProError:
     """The error for an upstream 429 or 5xx: its status and a message of ours (its own text is logged only)."""
     msg = f"upstream answered {status}"
     if status == 429:
@@ -179,7 +179,7 @@ class OpenAIEngine(Engine):
         self.request_timeout_s = request_timeout_s
         self.replicas = [Replica(u.rstrip("/")) for u in cfg.urls]
         self.seeds = cfg.seeds
-        self._client: httpx.AsyncClient | None = None
+        self._client: UpstreamClient | None = None
         self._prober: asyncio.Task[None] | None = None
         self._secret = cfg.api_key.get_secret_value() if cfg.api_key else None
         self._headers = {"authorization": f"Bearer {self._secret}"} if self._secret else {}
@@ -190,11 +190,8 @@ class OpenAIEngine(Engine):
     async def start(self) -> None:
         # FastTransport: httpx's API on a lean HTTP/1.1 wire layer, max_inflight connections per replica. It cut
         # the gateway's CPU per pass-through request 2x at concurrency 1 and 4-7x at 16-64 (bench/README.md).
-        self._client = httpx.AsyncClient(
-            timeout=self.timeout,
-            headers=self._headers,
-            transport=FastTransport(max_connections=self.cfg.max_inflight),
-            event_hooks={"request": [_send_request_id]},
+        self._client = upstream_client(
+            self.cfg.transport, self.timeout, self._headers, self.cfg.max_inflight, _send_request_id
         )
         self._prober = asyncio.create_task(self._probe_loop(), name=f"alignpro-probe-{self.name}")
 
@@ -245,10 +242,10 @@ class OpenAIEngine(Engine):
         return loaded
 
     def http_clients(self) -> list[httpx.AsyncClient]:
-        return [self.client]
+        return [self.client] if isinstance(self.client, httpx.AsyncClient) else []
 
     @property
-    def client(self) -> httpx.AsyncClient:
+    def client(self) -> UpstreamClient:
         if self._client is None:
             raise UpstreamUnavailableError(f"engine {self.name!r} is not started")
         return self._client
@@ -303,7 +300,7 @@ class OpenAIEngine(Engine):
         }
 
     def _refused(
-        self, rep: Replica, path: str, status: int, content: bytes, headers: httpx.Headers
+        self, rep: Replica, path: str, status: int, content: bytes, headers: Mapping[str, str]
     ) -> AlignProError:
         """The error for an upstream's error answer; its own text goes to the log (our key redacted), not to the
         client, whose error says what it can act on."""
@@ -395,7 +392,7 @@ class OpenAIEngine(Engine):
     def completion_stream(self, body: dict[str, Any]) -> AsyncIterator[bytes]:
         return self._stream("/completions", body)
 
-    async def open_stream(self, path: str, body: dict[str, Any]) -> tuple[Replica, httpx.Response]:
+    async def open_stream(self, path: str, body: dict[str, Any]) -> tuple[Replica, Any]:
         """Open a streaming response on some replica; retry on another only if nothing was sent (or 503).
 
         The replica returned has ``outstanding`` raised by one: the caller lowers it when the stream ends.

@@ -21,9 +21,11 @@ default transport.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 from collections import deque
-from collections.abc import AsyncIterator
-from typing import cast
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from typing import Any, Literal, Protocol, cast
 
 import httptools
 import httpx
@@ -290,3 +292,155 @@ class FastTransport(httpx.AsyncBaseTransport):
         self.pools.clear()
         if self._fallback is not None:
             await self._fallback.aclose()
+
+
+# ---------------------------------------------------------------------------------------------- A/B variants
+# How the openai engine talks to its upstream (EngineConfig.transport), measured against each other by
+# bench/passthrough.py --variant transport=NAME (bench/README.md, section 1).
+Transport = Literal["alignpro", "httpx", "httpx-aiohttp", "aiohttp"]
+
+
+class UpstreamClient(Protocol):
+    """What the engine calls on its client (httpx.AsyncClient has it); errors are httpx's. Answers have
+    httpx.Response's ``status_code``, ``headers``, ``content``, ``json()``, ``aread()``, ``aiter_raw()``,
+    ``aclose()``."""
+
+    async def get(self, url: str, *, timeout: float) -> Any: ...
+    async def post(self, url: str, *, json: Any) -> Any: ...
+    def build_request(self, method: str, url: str, *, json: Any) -> Any: ...
+    async def send(self, request: Any, *, stream: bool) -> Any: ...
+    async def aclose(self) -> None: ...
+
+
+def upstream_client(
+    kind: Transport,
+    timeout: httpx.Timeout,
+    headers: dict[str, str],
+    max_connections: int,
+    on_request: Callable[[httpx.Request], Awaitable[None]],
+) -> httpx.AsyncClient | AiohttpClient:
+    """The engine's HTTP client: httpx's API over ``kind``'s wire layer, or aiohttp itself."""
+    if kind == "aiohttp":
+        return AiohttpClient(timeout, headers, max_connections)
+    transport: httpx.AsyncBaseTransport
+    limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
+    if kind == "alignpro":
+        transport = FastTransport(max_connections=max_connections)
+    elif kind == "httpx":
+        transport = httpx.AsyncHTTPTransport(limits=limits)
+    else:
+        from httpx_aiohttp import AiohttpTransport
+
+        transport = AiohttpTransport(limits=limits)
+    return httpx.AsyncClient(
+        timeout=timeout, headers=headers, transport=transport, event_hooks={"request": [on_request]}
+    )
+
+
+class _AioResponse:
+    def __init__(self, resp: Any, content: bytes | None = None) -> None:
+        self._resp = resp
+        self.status_code: int = resp.status
+        self.headers: Mapping[str, str] = resp.headers
+        self._content = content
+
+    @property
+    def content(self) -> bytes:
+        assert self._content is not None, "a streamed response: aread() it first"
+        return self._content
+
+    def json(self) -> Any:
+        return json.loads(self.content)
+
+    async def aread(self) -> bytes:
+        if self._content is None:
+            with _aiohttp_errors():
+                self._content = await self._resp.read()
+        return self._content
+
+    async def aiter_raw(self) -> AsyncIterator[bytes]:
+        with _aiohttp_errors():
+            async for chunk in self._resp.content.iter_any():
+                yield chunk
+
+    async def aclose(self) -> None:
+        self._resp.release()  # back to the pool when read to the end, else the connection is closed
+
+
+class AiohttpClient:
+    """aiohttp's ClientSession behind the few httpx calls the engine makes, its errors mapped to httpx's."""
+
+    def __init__(self, timeout: httpx.Timeout, headers: dict[str, str], max_connections: int) -> None:
+        self.timeout, self.headers, self.max_connections = timeout, headers, max_connections
+        self._session: Any = None
+
+    def _open(self) -> Any:
+        import aiohttp
+
+        if self._session is None:
+            connector = aiohttp.TCPConnector(limit=self.max_connections, limit_per_host=self.max_connections)
+            self._session = aiohttp.ClientSession(
+                connector=connector, headers=self.headers, auto_decompress=False
+            )
+        return self._session
+
+    def _timeout(self, read: float | None) -> Any:
+        import aiohttp
+
+        t = self.timeout
+        return aiohttp.ClientTimeout(total=None, connect=t.pool, sock_connect=t.connect, sock_read=read)
+
+    async def _request(self, url: str, body: Any, read: float | None, stream: bool) -> _AioResponse:
+        from alignpro.engines.base import REQUEST_ID
+
+        headers = {"content-type": "application/json"} if body is not None else {}
+        rid = REQUEST_ID.get()
+        if rid is not None:
+            headers["x-request-id"] = rid
+        data = None if body is None else json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+        method = "GET" if body is None else "POST"
+        with _aiohttp_errors():
+            resp = await self._open().request(
+                method, url, data=data, headers=headers, timeout=self._timeout(read), allow_redirects=False
+            )
+            if stream:
+                return _AioResponse(resp)
+            try:
+                return _AioResponse(resp, await resp.read())
+            finally:
+                resp.release()
+
+    async def get(self, url: str, *, timeout: float) -> _AioResponse:
+        return await self._request(url, None, timeout, stream=False)
+
+    async def post(self, url: str, *, json: Any) -> _AioResponse:
+        return await self._request(url, json, self.timeout.read, stream=False)
+
+    def build_request(self, method: str, url: str, *, json: Any) -> tuple[str, Any]:
+        return url, json
+
+    async def send(self, request: tuple[str, Any], *, stream: bool) -> _AioResponse:
+        return await self._request(request[0], request[1], self.timeout.read, stream)
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+
+@contextlib.contextmanager
+def _aiohttp_errors() -> Iterator[None]:
+    """aiohttp's exceptions as the httpx ones the engine tells apart: nothing sent (connect, pool) vs the rest."""
+    import aiohttp
+
+    try:
+        yield
+    except aiohttp.ClientConnectorError as exc:
+        raise httpx.ConnectError(str(exc)) from exc
+    except aiohttp.ConnectionTimeoutError as exc:
+        raise httpx.ConnectTimeout(str(exc)) from exc
+    except aiohttp.SocketTimeoutError as exc:
+        raise httpx.ReadTimeout(str(exc)) from exc
+    except (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError, aiohttp.ClientResponseError) as exc:
+        raise httpx.RemoteProtocolError(str(exc)) from exc
+    except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+        raise httpx.ReadError(str(exc)) from exc

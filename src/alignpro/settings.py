@@ -75,11 +75,6 @@ class EngineConfig(BaseModel):
         "sampled request: false there, and deterministic prompter draws become greedy instead of seeded.",
     )
     failure_threshold: int = Field(3, ge=1, description="openai: consecutive failures that eject a replica.")
-    transport: Literal["alignpro", "httpx", "httpx-aiohttp", "aiohttp"] = Field(
-        "alignpro",
-        description="openai: the HTTP client to the upstream: alignpro (httpx's API on engines/transport.py), "
-        "httpx (its own transport), httpx-aiohttp, or aiohttp itself (bench/README.md compares them).",
-    )
     allowed_fields: list[str] = Field(
         default_factory=list,
         description="Request fields to relay beyond the OpenAI ones and the engine kind's sampling extras "

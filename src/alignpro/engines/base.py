@@ -18,7 +18,7 @@ from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    import httpx
+    from alignpro.engines.transport import UpstreamClient
 
 from alignpro.errors import InvalidRequestError
 
@@ -94,7 +94,7 @@ class Engine(ABC):
             param="path",
         )
 
-    def http_clients(self) -> list[httpx.AsyncClient]:
+    def http_clients(self) -> list[UpstreamClient]:
         """The HTTP clients the engine calls its upstreams with, once started (for tracing)."""
         return []
 

@@ -1,6 +1,6 @@
 """An OpenAI-compatible HTTP upstream (vLLM in production), with replicas.
 
-One pooled ``httpx.AsyncClient`` per engine, opened in the app lifespan. A request goes to the healthy replica
+One pooled :class:`~alignpro.engines.transport.UpstreamClient` (aiohttp) per engine, opened in the app lifespan. A request goes to the healthy replica
 with the fewest outstanding requests. A replica that fails ``failure_threshold`` times in a row is ejected and
 probed (``GET /models``) every ``probe_interval_s`` until it answers again.
 
@@ -36,8 +36,8 @@ from typing import Any
 
 import httpx
 
-from alignpro.engines.base import REQUEST_ID, Engine, stream_ends, stream_error
-from alignpro.engines.transport import UpstreamClient, upstream_client
+from alignpro.engines.base import Engine, stream_ends, stream_error
+from alignpro.engines.transport import UpstreamClient, UpstreamResponse
 from alignpro.errors import (
     AlignProError,
     UpstreamError,
@@ -188,11 +188,9 @@ class OpenAIEngine(Engine):
         return self.cfg.model
 
     async def start(self) -> None:
-        # FastTransport: httpx's API on a lean HTTP/1.1 wire layer, max_inflight connections per replica. It cut
-        # the gateway's CPU per pass-through request 2x at concurrency 1 and 4-7x at 16-64 (bench/README.md).
-        self._client = upstream_client(
-            self.cfg.transport, self.timeout, self._headers, self.cfg.max_inflight, _send_request_id
-        )
+        # aiohttp, max_inflight connections per replica: the cheapest client per request of those measured
+        # (engines/transport.py, bench/README.md).
+        self._client = UpstreamClient(self.timeout, self._headers, self.cfg.max_inflight)
         self._prober = asyncio.create_task(self._probe_loop(), name=f"alignpro-probe-{self.name}")
 
     async def aclose(self) -> None:
@@ -241,8 +239,8 @@ class OpenAIEngine(Engine):
             loaded.append(rep.url)
         return loaded
 
-    def http_clients(self) -> list[httpx.AsyncClient]:
-        return [self.client] if isinstance(self.client, httpx.AsyncClient) else []
+    def http_clients(self) -> list[UpstreamClient]:
+        return [self.client]
 
     @property
     def client(self) -> UpstreamClient:
@@ -392,7 +390,7 @@ class OpenAIEngine(Engine):
     def completion_stream(self, body: dict[str, Any]) -> AsyncIterator[bytes]:
         return self._stream("/completions", body)
 
-    async def open_stream(self, path: str, body: dict[str, Any]) -> tuple[Replica, Any]:
+    async def open_stream(self, path: str, body: dict[str, Any]) -> tuple[Replica, UpstreamResponse]:
         """Open a streaming response on some replica; retry on another only if nothing was sent (or 503).
 
         The replica returned has ``outstanding`` raised by one: the caller lowers it when the stream ends.
@@ -402,12 +400,11 @@ class OpenAIEngine(Engine):
         for _ in range(len(self.replicas)):
             rep = self._pick(tried)
             tried.add(rep.url)
-            req = self.client.build_request("POST", rep.url + path, json=body)
             # Counted from now, not from the first event: concurrent streams must see each other while they
             # wait for their headers, or they would all pick the same replica.
             rep.outstanding += 1
             try:
-                resp = await self.client.send(req, stream=True)
+                resp = await self.client.stream(rep.url + path, json=body)
             except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
                 rep.outstanding -= 1
                 self._failed(rep, type(exc).__name__)
@@ -482,13 +479,6 @@ class OpenAIEngine(Engine):
         finally:
             rep.outstanding -= 1
             await resp.aclose()
-
-
-async def _send_request_id(request: httpx.Request) -> None:
-    """Forward the id of the gateway request being served (vLLM logs it and echoes it), for the audit trail."""
-    rid = REQUEST_ID.get()
-    if rid is not None:
-        request.headers["x-request-id"] = rid
 
 
 def _stream_error(message: str, code: str, responses: bool) -> list[bytes]:

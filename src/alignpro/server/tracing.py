@@ -2,9 +2,9 @@
 ``OTEL_EXPORTER_OTLP_*`` variables) or ``console`` (spans printed, for a look on one machine).
 
 A request's trace: the FastAPI server span (``opentelemetry-instrumentation-fastapi``), with ``alignpro.prompter``
-and ``alignpro.frozen`` spans inside it, each holding the HTTP calls its engine makes
-(``opentelemetry-instrumentation-httpx`` on the engines' clients, which also send the ``traceparent`` header, so
-vLLM's own spans join the trace when vLLM traces too). The packages are the ``[otel]`` extra; with tracing off
+and ``alignpro.frozen`` spans inside it, each holding the HTTP calls its engine makes (client spans of the
+engines' aiohttp clients, :meth:`alignpro.engines.transport.UpstreamClient.trace`, which also send the
+``traceparent`` header, so vLLM's own spans join the trace when vLLM traces too). The packages are the ``[otel]`` extra; with tracing off
 nothing of OpenTelemetry is imported.
 """
 
@@ -18,9 +18,10 @@ from typing import TYPE_CHECKING, Any
 from alignpro.errors import ConfigError
 
 if TYPE_CHECKING:
-    import httpx
     from fastapi import FastAPI
     from opentelemetry.sdk.trace import TracerProvider
+
+    from alignpro.engines.transport import UpstreamClient
 
 
 class Tracing:
@@ -49,13 +50,11 @@ class Tracing:
             app, tracer_provider=self.provider, excluded_urls="health,metrics,ready"
         )
 
-    def instrument_clients(self, clients: Iterable[httpx.AsyncClient]) -> None:
+    def instrument_clients(self, clients: Iterable[UpstreamClient]) -> None:
         if self.provider is None:
             return
-        from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
-
         for client in clients:
-            HTTPXClientInstrumentor.instrument_client(client, tracer_provider=self.provider)
+            client.trace(self.provider)
 
 
 def from_settings(kind: str) -> Tracing:

@@ -1,13 +1,14 @@
-"""FastTransport (the OpenAI engine's HTTP/1.1 wire layer) against real servers on loopback.
+"""UpstreamClient (the OpenAI engine's aiohttp client) against real servers on loopback.
 
-The upstream is the FaultInjector (a real uvicorn server in a thread) plus, for keep-alive expiry, a uvicorn
-server that drops idle connections after 1 s. No model is involved, so these run in a few seconds.
+The upstream is the FaultInjector (a real uvicorn server in a thread), plus a uvicorn app that answers each
+request with the client port it came from (which connection was used) and drops idle connections after 1 s.
+No model is involved, so these run in a few seconds.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import httpx
 import pytest
@@ -17,7 +18,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from alignpro.engines.transport import FastTransport
+from alignpro.engines.base import REQUEST_ID
+from alignpro.engines.transport import UpstreamClient
 from alignpro.testing.faults import FaultInjector
 from alignpro.testing.servers import free_port
 
@@ -29,110 +31,149 @@ def upstream() -> Iterator[FaultInjector]:
     fi.stop()
 
 
-def _client(max_connections: int = 8, read: float = 5.0) -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=FastTransport(max_connections), timeout=httpx.Timeout(5.0, read=read))
+@pytest.fixture
+async def ports() -> AsyncIterator[str]:
+    """A server answering ``{"port": <the client's port>}`` after ``?wait`` seconds; idle connections: 1 s."""
+
+    async def port(request: Request) -> JSONResponse:
+        await asyncio.sleep(float(request.query_params.get("wait", 0)))
+        assert request.client is not None
+        return JSONResponse({"port": request.client.port})
+
+    p = free_port()
+    app = Starlette(routes=[Route("/port", port, methods=["GET", "POST"])])
+    server = uvicorn.Server(uvicorn.Config(app, port=p, timeout_keep_alive=1, log_level="warning"))
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.02)
+    yield f"http://127.0.0.1:{p}/port"
+    server.should_exit = True
+    await task
 
 
-def _idle(client: httpx.AsyncClient) -> int:
-    transport = client._transport
-    assert isinstance(transport, FastTransport)
-    return sum(len(p.idle) for p in transport.pools.values())
+def _client(max_connections: int = 8, read: float = 5.0) -> UpstreamClient:
+    return UpstreamClient(httpx.Timeout(5.0, read=read), {"authorization": "Bearer k"}, max_connections)
 
 
-async def test_json_and_keep_alive_reuse(upstream: FaultInjector) -> None:
-    async with _client() as c:
-        for _ in range(3):
-            r = await c.post(upstream.url + "/chat/completions", json={"model": "ok"})
-            assert r.status_code == 200
-            assert r.json()["choices"][0]["message"]["content"] == "ok"
-        assert _idle(c) == 1  # three sequential requests, one connection
+async def _port(c: UpstreamClient, url: str) -> int:
+    r = await c.post(url, json={})
+    assert r.status_code == 200
+    return int(r.json()["port"])
 
 
-async def test_concurrency_is_bounded_and_connections_return(upstream: FaultInjector) -> None:
-    async with _client(max_connections=4) as c:
-        rs = await asyncio.gather(
-            *(c.post(upstream.url + "/chat/completions", json={"model": "ok"}) for _ in range(20))
+async def test_json_headers_and_keep_alive_reuse(upstream: FaultInjector, ports: str) -> None:
+    c = _client()
+    try:
+        token = REQUEST_ID.set("rid-1")
+        r = await c.post(
+            upstream.url + "/chat/completions", json={"model": "echo", "messages": [{"content": "é"}]}
         )
-        assert {r.status_code for r in rs} == {200}
-        assert _idle(c) == 4
+        REQUEST_ID.reset(token)
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "é"
+        headers = upstream.last_headers[-1]
+        assert headers["x-request-id"] == "rid-1" and headers["authorization"] == "Bearer k"
+        assert headers["content-type"] == "application/json"
+        assert (
+            len({await _port(c, ports) for _ in range(3)}) == 1
+        )  # three sequential requests, one connection
+    finally:
+        await c.aclose()
+
+
+async def test_connections_per_upstream_are_bounded(ports: str) -> None:
+    c = _client(max_connections=4)
+    try:
+        used = await asyncio.gather(*(_port(c, ports + "?wait=0.05") for _ in range(20)))
+        assert len(set(used)) == 4
+    finally:
+        await c.aclose()
 
 
 async def test_error_status_and_bad_json_are_responses(upstream: FaultInjector) -> None:
-    async with _client() as c:
+    c = _client()
+    try:
         r = await c.post(upstream.url + "/chat/completions", json={"model": "status-400"})
         assert r.status_code == 400
         assert r.json()["error"]["message"] == "injected 400"
         r = await c.post(upstream.url + "/chat/completions", json={"model": "badjson"})
         assert r.status_code == 200 and r.content == b"<html>not json"
+        with pytest.raises(ValueError):
+            r.json()
+    finally:
+        await c.aclose()
 
 
 async def test_read_timeout(upstream: FaultInjector) -> None:
-    async with _client(read=0.5) as c:
+    c = _client(read=0.5)
+    try:
         with pytest.raises(httpx.ReadTimeout):
             await c.post(upstream.url + "/chat/completions", json={"model": "slow-3"})
-        assert _idle(c) == 0  # a timed-out connection is never reused
+    finally:
+        await c.aclose()
 
 
-async def test_connection_refused() -> None:
-    async with _client() as c:
+async def test_connection_refused_is_a_connect_error() -> None:
+    """The one error after which the engine may try another replica: nothing was sent."""
+    c = _client()
+    try:
         with pytest.raises(httpx.ConnectError):
             await c.post(f"http://127.0.0.1:{free_port()}/v1/chat/completions", json={})
+    finally:
+        await c.aclose()
 
 
 async def test_stream_arrives_event_by_event(upstream: FaultInjector) -> None:
-    async with (
-        _client() as c,
-        c.stream(
-            "POST", upstream.url + "/chat/completions", json={"model": "slowstream-0.2", "stream": True}
-        ) as r,
-    ):
+    c = _client()
+    try:
+        r = await c.stream(
+            upstream.url + "/chat/completions", json={"model": "slowstream-0.2", "stream": True}
+        )
         chunks = [chunk async for chunk in r.aiter_raw()]
+        await r.aclose()
+    finally:
+        await c.aclose()
     assert len(chunks) >= 7  # six content events, the last one and [DONE], not one buffered blob
     assert chunks[-1].endswith(b"data: [DONE]\n\n")
 
 
-async def test_dropped_stream_raises(upstream: FaultInjector) -> None:
-    async with _client() as c:
-        with pytest.raises(httpx.ReadError):
-            async with c.stream(
-                "POST", upstream.url + "/chat/completions", json={"model": "dropstream", "stream": True}
-            ) as r:
-                async for _ in r.aiter_raw():
-                    pass
+async def test_dropped_stream_is_a_transport_error_not_a_connect_error(upstream: FaultInjector) -> None:
+    """Cut off mid-body: an error the engine never retries on another replica (the request was taken)."""
+    c = _client()
+    try:
+        r = await c.stream(upstream.url + "/chat/completions", json={"model": "dropstream", "stream": True})
+        with pytest.raises(httpx.TransportError) as info:
+            async for _ in r.aiter_raw():
+                pass
+        assert not isinstance(info.value, httpx.ConnectError | httpx.ConnectTimeout)
+        await r.aclose()
+    finally:
+        await c.aclose()
 
 
 async def test_abandoned_stream_closes_the_connection(upstream: FaultInjector) -> None:
     before = upstream.streams["abandoned"]
-    async with _client() as c:
-        async with c.stream(
-            "POST", upstream.url + "/chat/completions", json={"model": "slowstream-0.3", "stream": True}
-        ) as r:
-            async for _ in r.aiter_raw():
-                break
-        assert _idle(c) == 0
+    c = _client()
+    try:
+        r = await c.stream(
+            upstream.url + "/chat/completions", json={"model": "slowstream-0.3", "stream": True}
+        )
+        async for _ in r.aiter_raw():
+            break
+        await r.aclose()
         for _ in range(50):  # the upstream notices the disconnect when it next writes
             if upstream.streams["abandoned"] > before:
                 break
             await asyncio.sleep(0.1)
+    finally:
+        await c.aclose()
     assert upstream.streams["abandoned"] == before + 1
 
 
-async def test_connection_closed_by_idle_server_is_replaced() -> None:
-    async def ok(request: Request) -> JSONResponse:
-        return JSONResponse({"ok": True})
-
-    port = free_port()
-    app = Starlette(routes=[Route("/x", ok, methods=["POST"])])
-    server = uvicorn.Server(uvicorn.Config(app, port=port, timeout_keep_alive=1, log_level="warning"))
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        await asyncio.sleep(0.02)
+async def test_connection_closed_by_idle_server_is_replaced(ports: str) -> None:
+    c = _client()
     try:
-        async with _client() as c:
-            for pause in (1.3, 0.95, 0.0):  # past the server's keep-alive, then right around it
-                r = await c.post(f"http://127.0.0.1:{port}/x", json={})
-                assert r.json() == {"ok": True}
-                await asyncio.sleep(pause)
+        first = await _port(c, ports)
+        await asyncio.sleep(1.3)  # past the server's keep-alive: it closed the connection
+        assert await _port(c, ports) != first
     finally:
-        server.should_exit = True
-        await task
+        await c.aclose()

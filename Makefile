@@ -58,6 +58,7 @@ redis-server:
 
 models: install
 	$(VENV)/bin/alignpro models prepare
+	$(VENV)/bin/alignpro models merge-prompter
 
 lint: install-dev
 	$(VENV)/bin/ruff check src tests bench

@@ -88,7 +88,7 @@ compose() {
         "${COMPOSE[@]}" --env-file "$envfile" -f deploy/compose.yaml "$@"
 }
 # profile -> the services it must run (the gateway has no profile and runs with either).
-for entry in "gpu:gateway redis vllm" "cpu:gateway redis vllm-cpu" ":gateway redis"; do
+for entry in "gpu:gateway redis vllm" "cpu:gateway redis vllm-cpu prompter-cpu" ":gateway redis"; do
     profile="${entry%%:*}" want="${entry#*:}"
     args=()
     [[ -n "$profile" ]] && args=(--profile "$profile")
@@ -103,18 +103,27 @@ if compose "$WORK/empty.env" --profile gpu config -q > /dev/null 2>&1; then
     die "compose config passed without ALIGNPRO_API_KEYS / VLLM_API_KEY"
 fi
 ok "compose config refuses to load without the secrets"
-# The LoRA flags are on by default and can be switched off with an empty VLLM_LORA_ARGS.
+# The prompter answers at the host `prompter` as model alignpro-prompter in both profiles: on GPU the frozen vLLM's
+# LoRA module (on by default, off with an empty VLLM_LORA_ARGS), on CPU the merged copy in its own vLLM (and the
+# frozen CPU vLLM has no LoRA).
 compose "$WORK/compose.env" --profile gpu config --format json > "$WORK/compose-gpu.json"
+compose "$WORK/compose.env" --profile cpu config --format json > "$WORK/compose-cpu.json"
 ( cat "$WORK/compose.env"; echo "VLLM_LORA_ARGS=" ) > "$WORK/nolora.env"
 compose "$WORK/nolora.env" --profile gpu config --format json > "$WORK/compose-nolora.json"
-"$TOOLS/bin/python" - "$WORK/compose-gpu.json" "$WORK/compose-nolora.json" <<'EOF' || die "compose vLLM command"
+"$TOOLS/bin/python" - "$WORK/compose-gpu.json" "$WORK/compose-nolora.json" "$WORK/compose-cpu.json" <<'EOF' || die "compose vLLM commands"
 import json, sys
-on = json.load(open(sys.argv[1]))["services"]["vllm"]["command"]
-off = json.load(open(sys.argv[2]))["services"]["vllm"]["command"]
+gpu, nolora, cpu = (json.load(open(p))["services"] for p in sys.argv[1:])
+on, off = gpu["vllm"]["command"], nolora["vllm"]["command"]
 assert "--enable-lora" in on and "alignpro-prompter=/adapters/prompter" in on, on
 assert "--enable-lora" not in off and "--lora-modules" not in off, off
+assert "prompter" in gpu["vllm"]["networks"]["default"]["aliases"], gpu["vllm"]["networks"]
+assert "--enable-lora" not in cpu["vllm-cpu"]["command"], cpu["vllm-cpu"]["command"]
+cmd = cpu["prompter-cpu"]["command"]
+assert cmd[cmd.index("--served-model-name") + 1] == "alignpro-prompter", cmd
+assert cmd[cmd.index("--model") + 1] == "/adapters/prompter-merged", cmd
+assert "prompter" in cpu["prompter-cpu"]["networks"]["default"]["aliases"], cpu["prompter-cpu"]["networks"]
 EOF
-ok "compose vLLM command: LoRA prompter by default, none with VLLM_LORA_ARGS=\"\""
+ok "compose: the prompter is host 'prompter', model alignpro-prompter (gpu: LoRA of vllm, none with VLLM_LORA_ARGS=\"\"; cpu: merged, prompter-cpu)"
 
 # ---------------------------------------------------------------------------------------------------------
 step "helm lint + helm template (deploy/helm/alignpro)"

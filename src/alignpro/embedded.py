@@ -11,6 +11,9 @@ half-written model where a reader would pick it up.
 
     alignpro models prepare            # prints the folder
     alignpro models prepare --force    # rebuild
+
+The shipped prompter is a LoRA adapter of that model; ``alignpro models merge-prompter`` folds it into a copy of
+its base (:func:`merge_prompter`), a plain model folder any engine serves without LoRA.
 """
 
 from __future__ import annotations
@@ -23,11 +26,22 @@ import os
 import shutil
 import tempfile
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from alignpro.errors import ConfigError
+from alignpro.prompter.version import (
+    ADAPTER_META,
+    MERGED,
+    adapter_fingerprint,
+    merged_digest,
+    prompter_meta,
+    warn_if_mismatched,
+)
+from alignpro.settings import PROMPTER_ADAPTER, TRAINED
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +52,9 @@ MANIFEST = "alignpro-model.json"
 # its logits were NaN. Every model load in this package holds this lock.
 LOAD_LOCK = threading.RLock()
 EMBEDDED = "embedded"  # the model name that means "the default embedded model"
+# prepare() and merge_prompter() check and then write under $ALIGNPRO_HOME/models; two engines starting at once (the
+# default settings' frozen model and merged prompter, whose merge prepares the base) must not both convert.
+_PREPARE_LOCK = threading.RLock()
 
 
 @dataclass(frozen=True)
@@ -107,10 +124,10 @@ def is_prepared(path: Path) -> bool:
 
 
 def _convert(src: Path, out: Path) -> None:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    with LOAD_LOCK:  # the imports too: transformers' lazy first import is not thread-safe
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    with LOAD_LOCK:
         tokenizer = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
         model: Any = AutoModelForCausalLM.from_pretrained(
             src.parent, gguf_file=src.name, dtype=torch.bfloat16
@@ -128,10 +145,11 @@ def _convert(src: Path, out: Path) -> None:
 
 def _verify(out: Path) -> None:
     """Load the written folder back and run one forward pass; raise if anything is off."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    with LOAD_LOCK:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(out)
+        tokenizer = AutoTokenizer.from_pretrained(out)
     if not tokenizer.chat_template:
         raise RuntimeError("the converted tokenizer has no chat template")
     with LOAD_LOCK:
@@ -145,28 +163,24 @@ def _verify(out: Path) -> None:
         raise RuntimeError("the converted model produces non-finite logits")
 
 
-def prepare(model: EmbeddedModel = DEFAULT_MODEL, home: Path | None = None, force: bool = False) -> Path:
-    """Return the safetensors folder of ``model``, converting it first if needed (idempotent, atomic)."""
-    dest = model_dir(model, home)
-    if not force and is_prepared(dest):
-        return dest
-    src = gguf_path(model)
+def _publish(dest: Path, build: Callable[[Path], dict[str, Any]]) -> Path:
+    """Write a verified model folder at ``dest`` atomically: ``build`` fills a temporary sibling folder and
+    returns the manifest's fields; the files' hashes are added and the folder is renamed into place, so an
+    interrupted run never leaves a half-written model where a reader would pick it up."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    log.info("converting %s into %s", src, dest)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{model.name}.", dir=dest.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the folder is read by other users (vLLM, containers)
     try:
-        _convert(src, tmp)
+        manifest = build(tmp)
         _verify(tmp)
         # save_pretrained writes some files 0600; other users (vLLM, containers) read them
         for p in tmp.iterdir():
             p.chmod(0o644)
         files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file() and p.name != MANIFEST}
-        manifest = {"name": model.name, "served_name": model.served_name, "source": src.name, "files": files}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        (tmp / MANIFEST).write_text(json.dumps({**manifest, "files": files}, indent=2))
         if dest.exists():
             # A rename cannot replace a non-empty folder: move the stale one aside first, then drop it.
-            stale = dest.with_name(f".{model.name}.stale")
+            stale = dest.with_name(f".{dest.name}.stale")
             shutil.rmtree(stale, ignore_errors=True)
             dest.rename(stale)
             shutil.rmtree(stale, ignore_errors=True)
@@ -176,14 +190,108 @@ def prepare(model: EmbeddedModel = DEFAULT_MODEL, home: Path | None = None, forc
     return dest
 
 
+def prepare(model: EmbeddedModel = DEFAULT_MODEL, home: Path | None = None, force: bool = False) -> Path:
+    """Return the safetensors folder of ``model``, converting it first if needed (idempotent, atomic)."""
+    dest = model_dir(model, home)
+    with _PREPARE_LOCK:
+        if not force and is_prepared(dest):
+            return dest
+        src = gguf_path(model)
+        log.info("converting %s into %s", src, dest)
+
+        def build(tmp: Path) -> dict[str, Any]:
+            _convert(src, tmp)
+            return {"name": model.name, "served_name": model.served_name, "source": src.name}
+
+        return _publish(dest, build)
+
+
+# ------------------------------------------------------------------------------------------------ prompters
+def trained_adapter_path() -> Path:
+    """The prompter adapter shipped inside the package."""
+    path = Path(str(resources.files("alignpro"))) / "data" / "prompter"
+    if not (path / "adapter_config.json").is_file():
+        raise ConfigError(f"no trained prompter is shipped at {path}")
+    return path
+
+
+def resolve_adapter(path: str) -> str:
+    """An adapter setting as a folder: ``trained`` is the shipped prompter."""
+    return str(trained_adapter_path()) if path == TRAINED else path
+
+
+def merged_dir(adapter: Path, home: Path | None = None) -> Path:
+    """Where :func:`merge_prompter` caches the merged copy of ``adapter``: one folder per adapter fingerprint,
+    so a retrained adapter never reuses the old merge."""
+    return (home or alignpro_home()) / "models" / f"prompter-{adapter_fingerprint(adapter)}"
+
+
+def merge_prompter(
+    adapter: str | Path = TRAINED,
+    out: Path | None = None,
+    *,
+    home: Path | None = None,
+    dtype: str = "float32",
+    force: bool = False,
+) -> Path:
+    """A merged copy of the LoRA prompter ``adapter`` (a peft folder, or ``trained``): its base model with the
+    adapter folded into the weights (``merge_and_unload``), saved as a plain model folder with the tokenizer and
+    the adapter's ``alignpro.json`` (same fingerprint, plus a ``merged`` record). Any engine serves it as an
+    ordinary model: a second vLLM process, or the embedded engine without peft.
+
+    ``out`` defaults to :func:`merged_dir`. Idempotent (a verified copy of the same adapter is reused unless
+    ``force``) and atomic, like :func:`prepare`. ``dtype`` float32 keeps the sum exact; an engine casts it to its
+    own dtype when it loads it.
+    """
+    src = Path(resolve_adapter(str(adapter))).expanduser()
+    if not (src / "adapter_config.json").is_file():
+        raise ConfigError(f"{src} is not a LoRA adapter folder (no adapter_config.json)")
+    warn_if_mismatched(
+        src
+    )  # as loading it for LoRA serving does: a mismatch degrades rewrites, it does not break them
+    dest = Path(out).expanduser() if out is not None else merged_dir(src, home)
+    fingerprint = adapter_fingerprint(src)
+    if not force and is_prepared(dest) and prompter_meta(dest).get("fingerprint") == fingerprint:
+        return dest
+    base_name = (
+        json.loads((src / "adapter_config.json").read_text()).get("base_model_name_or_path") or EMBEDDED
+    )
+    base = resolve(base_name, home)
+    log.info("merging %s into %s -> %s", src, base, dest)
+
+    def build(tmp: Path) -> dict[str, Any]:
+        _merge(src, Path(base), tmp, dtype)
+        meta = prompter_meta(src) or {"fingerprint": fingerprint}
+        meta[MERGED] = {"adapter_fingerprint": fingerprint, "base": base_name, "dtype": dtype}
+        meta[MERGED]["digest"] = merged_digest(tmp)
+        (tmp / ADAPTER_META).write_text(json.dumps(meta, indent=2, ensure_ascii=False))
+        return {"name": dest.name, "served_name": PROMPTER_ADAPTER, "source": f"{base_name} + {src}"}
+
+    return _publish(dest, build)
+
+
+def _merge(adapter: Path, base: Path, out: Path, dtype: str) -> None:
+    with LOAD_LOCK:
+        import torch
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model: Any = AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, dtype))
+        merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    merged.save_pretrained(out, safe_serialization=True)
+    AutoTokenizer.from_pretrained(base).save_pretrained(out)
+
+
 def resolve(name: str, home: Path | None = None) -> str:
     """Map a configured model name to something ``from_pretrained`` can load.
 
-    ``embedded`` (or the embedded model's name) is prepared on first use; anything else is a local path
-    (weights are never fetched from a hub).
+    ``embedded`` (or the embedded model's name) is prepared on first use, ``trained`` (the shipped prompter
+    merged into its base) too; anything else is a local path (weights are never fetched from a hub).
     """
     if name in (EMBEDDED, DEFAULT_MODEL.name, DEFAULT_MODEL.served_name):
         return str(prepare(DEFAULT_MODEL, home))
+    if name == TRAINED:
+        return str(merge_prompter(TRAINED, home=home))
     path = Path(name).expanduser()
     if not path.exists():
         raise ConfigError(f"model {name!r} is neither 'embedded' nor an existing local folder")

@@ -56,7 +56,8 @@ class EngineConfig(BaseModel):
     )
     model: str = Field(
         "embedded",
-        description="local: a model folder or 'embedded'; openai: the upstream's model id for the base model.",
+        description="local: a model folder, 'embedded', or 'trained' (the shipped prompter merged into a copy of "
+        "its base, prepared on first use); openai: the upstream's model id for the base model.",
     )
     urls: list[str] = Field(default_factory=list, description="openai: base URLs ending in /v1 (replicas).")
     api_key: SecretStr | None = Field(None, description="openai: bearer token sent upstream.")
@@ -272,17 +273,22 @@ def parse_api_keys(value: Any) -> Any:
 
 
 PROMPTER_ADAPTER = "alignpro-prompter"  # the name the shipped prompter adapter is served under
+PROMPTER_ENGINE = "prompter"  # the default engine that runs the shipped prompter
 
 
 def _default_engines() -> dict[str, EngineConfig]:
-    # The embedded model serves both roles: the frozen model (adapter disabled) and the trained prompter.
-    return {"embedded": EngineConfig(adapters={PROMPTER_ADAPTER: TRAINED})}
+    # The embedded model is the frozen model; the shipped prompter is its own small model, the adapter merged into
+    # a copy of the base (prepared on first use). Faster than one model switching peft adapters per batch, whose
+    # LoRA layers slow every prompter step (bench/prompter_serving.py).
+    return {"embedded": EngineConfig(), PROMPTER_ENGINE: EngineConfig(model=TRAINED)}
 
 
 def _default_aliases() -> dict[str, AliasConfig]:
     return {
         # the trained Align-Pro prompter shipped in alignpro/data/prompter (see its alignpro.json)
-        "smollm2-aligned": AliasConfig(prompter=PrompterConfig(mode="adapter", model=PROMPTER_ADAPTER)),
+        "smollm2-aligned": AliasConfig(
+            prompter=PrompterConfig(mode="adapter", engine=PROMPTER_ENGINE, model=PROMPTER_ADAPTER)
+        ),
         "smollm2": AliasConfig(prompter=PrompterConfig(mode="off")),
     }
 

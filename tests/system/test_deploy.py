@@ -125,24 +125,36 @@ def test_gateway_yaml_loads_and_names_what_vllm_serves(monkeypatch: pytest.Monke
     for var in [v for v in os.environ if v.startswith("ALIGNPRO_")]:
         monkeypatch.delenv(var)
     settings = load_settings(GATEWAY_YAML)
-    assert set(settings.engines) == {"vllm"}
+    assert set(settings.engines) == {"vllm", "prompter"}
     engine = settings.engines["vllm"]
-    assert engine.kind == "openai", "the gateway image has no in-process engine"
+    assert all(e.kind == "openai" for e in settings.engines.values()), (
+        "the gateway image has no in-process engine"
+    )
     assert engine.urls == ["http://vllm:8000/v1"]
     assert settings.aliases["frozen"].prompter.mode == "off"
     aligned = settings.aliases["aligned"].prompter
-    assert (aligned.mode, aligned.engine) == ("adapter", "vllm")
+    assert (aligned.mode, aligned.engine) == ("adapter", "prompter")
+    assert settings.engines["prompter"].urls == ["http://prompter:8000/v1"]
 
-    # The adapter the gateway asks for is the one compose and the chart tell vLLM to load.
+    # The adapter the gateway asks for is the one compose tells vLLM to load (gpu: a LoRA module of the vLLM that
+    # answers to `prompter`; cpu: the merged copy served under that name) and the chart's LoRA module.
     compose = COMPOSE.read_text()
     assert f"--lora-modules {aligned.model}=/adapters/prompter" in compose
+    assert f"--served-model-name {aligned.model}" in compose
+    services = yaml.safe_load(compose)["services"]
+    assert "prompter" in services["vllm"]["networks"]["default"]["aliases"]
+    assert "prompter" in services["prompter-cpu"]["networks"]["default"]["aliases"]
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     assert aligned.model in {m["name"] for m in values["vllm"]["lora"]["modules"]}
     chart_aliases = values["gateway"]["config"]["aliases"]
     assert chart_aliases["aligned"]["prompter"]["model"] == aligned.model
 
     # Compose overrides the engine's key and model through the environment; the names must hit the engine.
-    for var in ("ALIGNPRO_ENGINES__VLLM__API_KEY", "ALIGNPRO_ENGINES__VLLM__MODEL"):
+    for var in (
+        "ALIGNPRO_ENGINES__VLLM__API_KEY",
+        "ALIGNPRO_ENGINES__VLLM__MODEL",
+        "ALIGNPRO_ENGINES__PROMPTER__API_KEY",
+    ):
         assert f"{var}:" in compose
     monkeypatch.setenv("ALIGNPRO_ENGINES__VLLM__API_KEY", "sk-upstream")
     monkeypatch.setenv("ALIGNPRO_ENGINES__VLLM__MODEL", "org/other-model")

@@ -48,6 +48,26 @@ def test_chat_through_the_prompter(client: openai.OpenAI) -> None:
     assert raw.headers["x-request-id"]
 
 
+def test_the_default_settings_serve_the_shipped_prompter_merged(gateway_url: str) -> None:
+    """`make serve`: the frozen model is the plain embedded engine and the shipped prompter runs as its own model,
+    the adapter merged into a copy of the base (no peft adapter switched per batch)."""
+    body = {
+        "model": "smollm2-aligned",
+        "messages": [{"role": "user", "content": "Name a planet."}],
+        "max_tokens": 4,
+        "temperature": 0,
+    }
+    before = httpx.get(f"{gateway_url}/ready").json()["engines"]
+    r = httpx.post(f"{gateway_url}/v1/chat/completions", json=body, timeout=300)
+    assert r.status_code == 200, r.text
+    info = r.json()["alignpro"]
+    assert (info["mode"], info["prompter"]) == ("adapter", "prompter/alignpro-prompter"), info
+    engines = httpx.get(f"{gateway_url}/ready").json()["engines"]
+    assert engines["prompter"]["model"] == "alignpro-prompter"
+    # The rewrite was decoded by the merged model's engine (a cached rewrite would decode nothing: the text is new).
+    assert engines["prompter"]["rows"] > before["prompter"]["rows"], (before, engines)
+
+
 def test_chat_stream_ends_with_done_and_reports_usage(gateway_url: str) -> None:
     body = {
         "model": "smollm2",

@@ -2,6 +2,7 @@
 
 alignpro serve [--host H] [--port P] [--config FILE]   serve the aligned OpenAI-compatible API
 alignpro models prepare [--force]                      convert the embedded model into safetensors
+alignpro models merge-prompter [--adapter P] [--out D]  fold the LoRA prompter into a copy of its base model
 alignpro rewrite "PROMPT" [--model ALIAS] [--url URL]  print the prompter's rewrite of PROMPT
 alignpro chat ["PROMPT"] [--model ALIAS] [--url URL]   chat with a gateway (no PROMPT: one message per line)
 alignpro train CONFIG.yaml [--resume]                  train an Align-Pro prompter (closed-form or RL)

@@ -1,10 +1,11 @@
-"""``alignpro serve``, ``alignpro models prepare`` and ``alignpro rewrite``."""
+"""``alignpro serve``, ``alignpro models prepare``/``merge-prompter`` and ``alignpro rewrite``."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import sys
+from pathlib import Path
 from typing import Any
 
 from alignpro.cli.client import connection_args
@@ -39,6 +40,13 @@ def cmd_models_prepare(args: argparse.Namespace) -> int:
     from alignpro import embedded
 
     print(embedded.prepare(force=args.force))
+    return 0
+
+
+def cmd_models_merge_prompter(args: argparse.Namespace) -> int:
+    from alignpro import embedded
+
+    print(embedded.merge_prompter(args.adapter, args.out, dtype=args.dtype, force=args.force))
     return 0
 
 
@@ -89,6 +97,32 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     mp.add_argument("--force", action="store_true", help="rebuild even if a verified copy exists")
     mp.set_defaults(func=cmd_models_prepare)
+    mm = msub.add_parser(
+        "merge-prompter",
+        help="fold a LoRA prompter into a copy of its base model (served without LoRA; idempotent)",
+        description="Merge the LoRA prompter ADAPTER into its base model (merge_and_unload) and save a plain model "
+        "folder with the tokenizer and the adapter's alignpro.json (same fingerprint, plus a merged record), then "
+        "print the folder. Serve it as its own model: a second vLLM (--served-model-name alignpro-prompter) or "
+        "a local engine. Does nothing if a verified merge of the same adapter exists.",
+    )
+    mm.add_argument(
+        "--adapter",
+        default="trained",
+        help="a peft LoRA folder, or 'trained' (the shipped prompter; default)",
+    )
+    mm.add_argument(
+        "--out",
+        type=Path,
+        help="folder to write (default: $ALIGNPRO_HOME/models/prompter-<adapter fingerprint>)",
+    )
+    mm.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16"],
+        help="weights dtype (default float32: the merge is exact; engines cast on load)",
+    )
+    mm.add_argument("--force", action="store_true", help="rebuild even if a verified merge exists")
+    mm.set_defaults(func=cmd_models_merge_prompter)
 
     r = sub.add_parser(
         "rewrite",

@@ -22,33 +22,21 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from alignpro import embedded
+from alignpro.embedded import resolve_adapter
 from alignpro.engines.base import DONE_EVENT, Engine, sse_event
 from alignpro.engines.responses import ChatResponses
-from alignpro.errors import ConfigError, ContextLengthError, InvalidRequestError, UpstreamUnavailableError
-from alignpro.prompter.version import adapter_fingerprint, warn_if_mismatched
+from alignpro.errors import ContextLengthError, InvalidRequestError, UpstreamUnavailableError
+from alignpro.prompter.version import adapter_fingerprint, prompter_fingerprint, warn_if_mismatched
 from alignpro.protocol import new_id
-from alignpro.settings import TRAINED, EngineConfig
+from alignpro.settings import PROMPTER_ADAPTER, TRAINED, EngineConfig
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_TOKENS = 512  # when a request sets none; the context bound still applies
-
-
-def trained_adapter_path() -> Path:
-    """The prompter adapter shipped inside the package."""
-    path = Path(str(resources.files("alignpro"))) / "data" / "prompter"
-    if not (path / "adapter_config.json").is_file():
-        raise ConfigError(f"no trained prompter is shipped at {path}")
-    return path
-
-
-def resolve_adapter(path: str) -> str:
-    return str(trained_adapter_path()) if path == TRAINED else path
 
 
 @dataclass
@@ -118,8 +106,11 @@ class Generator:
     def __init__(
         self, model_path: str, adapters: dict[str, str] | None = None, dtype: str = "bfloat16"
     ) -> None:
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        # The imports too hold the lock: transformers' lazy module is not thread-safe on first import, and two
+        # engines loading at once (the default settings' frozen model and merged prompter) saw ImportError.
+        with embedded.LOAD_LOCK:
+            import torch
+            from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.torch = torch
         self.model_path = model_path
@@ -128,6 +119,7 @@ class Generator:
             self.tokenizer = AutoTokenizer.from_pretrained(model_path)
             model: Any = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))
             model.eval()
+            warn_if_mismatched(Path(model_path))  # a merged prompter carries its adapter's record
             if self.adapters:
                 from peft import PeftModel
 
@@ -342,9 +334,10 @@ class LocalEngine(Engine):
         self.generator = generator
         self._jobs: queue.Queue[_Job | None] = queue.Queue()
         self._worker: threading.Thread | None = None
-        self._served_name = (
-            embedded.DEFAULT_MODEL.served_name if cfg.model == embedded.EMBEDDED else cfg.model
-        )
+        self._served_name = {
+            embedded.EMBEDDED: embedded.DEFAULT_MODEL.served_name,
+            TRAINED: PROMPTER_ADAPTER,
+        }.get(cfg.model, cfg.model)
         self._responses = ChatResponses(self.chat, self.chat_stream)
         self.batches = 0  # decoded batches and rows, to see batching at work (/ready, tests, benchmarks)
         self.rows = 0
@@ -353,12 +346,16 @@ class LocalEngine(Engine):
         return self._served_name
 
     async def fingerprint(self, model: str) -> str:
-        """An adapter: the digest of its weights and config (a retrained adapter in the same folder is another one)."""
+        """An adapter: the digest of its weights and config (a retrained adapter in the same folder is another one);
+        the engine's own model when it is a merged prompter: the fingerprint of the adapter merged into it."""
         path = self.cfg.adapters.get(model)
-        if path is None:
-            return model
-        digest = await asyncio.to_thread(adapter_fingerprint, Path(resolve_adapter(path)))
-        return f"{model}@sha256:{digest}"
+        if path is not None:
+            digest: str | None = await asyncio.to_thread(adapter_fingerprint, Path(resolve_adapter(path)))
+        elif self.generator is not None:
+            digest = await asyncio.to_thread(prompter_fingerprint, Path(self.generator.model_path))
+        else:
+            digest = None
+        return f"{model}@sha256:{digest}" if digest else model
 
     async def start(self) -> None:
         if self.generator is None:

@@ -73,7 +73,7 @@ def control_messages(control: str, prompt: str, kind_of: Callable[[str], str]) -
 def _adapter_spec(spec: str) -> str:
     """``trained`` or an adapter folder (made absolute), checked before any model loads."""
     if spec == TRAINED:
-        from alignpro.engines.local import trained_adapter_path
+        from alignpro.embedded import trained_adapter_path
 
         trained_adapter_path()  # says clearly, before any model loads, when no prompter is shipped
         return spec

@@ -60,7 +60,7 @@ def _prompter_parts(cfg: EvalConfig, m: Method) -> dict[str, Any]:
             cfg.prompter_top_p,
         ]
     if m.adapter_path:
-        from alignpro.engines.local import resolve_adapter
+        from alignpro.embedded import resolve_adapter
 
         path = Path(resolve_adapter(m.adapter_path))
         parts["adapter"] = _file_digest(path) if path.exists() else m.adapter_path

@@ -4,6 +4,11 @@ A LoRA prompter is trained on the chat :func:`~alignpro.prompter.instruction.pro
 under another instruction it sees prompts it never saw in training. ``alignpro.json`` records
 :func:`instruction_digest` and :func:`adapter_fingerprint` so that a mismatch is reported when the adapter loads
 and so that anyone can check that the committed files are the ones described. Pure Python: no numpy, no torch.
+
+A *merged copy* of an adapter (``alignpro models merge-prompter``: the base model with the LoRA folded into its
+weights, a plain model folder) carries the adapter's ``alignpro.json`` with its ``fingerprint`` unchanged, so it
+is identified as the same prompter, plus a ``merged`` record whose ``digest`` (:func:`merged_digest`) covers its
+own weight files.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import hashlib
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 from alignpro.protocol import Contract
 
@@ -20,6 +26,7 @@ log = logging.getLogger(__name__)
 ADAPTER_META = "alignpro.json"
 # The files that define the adapter's behaviour; alignpro.json describes them and is not part of the digest.
 _WEIGHT_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+MERGED = "merged"  # the record alignpro.json of a merged copy has (what it was merged from, its own digest)
 
 
 def instruction_digest(contract: Contract) -> str:
@@ -40,9 +47,14 @@ def adapter_fingerprint(adapter_dir: Path) -> str:
     ``adapter_config.json`` is hashed as parsed JSON with sorted keys, so rewriting its base-model path (done for
     portability when training ends) is the only edit that changes nothing else; the digest is taken after it.
     """
+    return _digest_files(adapter_dir, list(_WEIGHT_FILES))
+
+
+def _digest_files(folder: Path, names: list[str]) -> str:
+    """A digest of the files ``names`` of ``folder`` in that order (JSON ones as parsed, keys sorted)."""
     h = hashlib.sha256()
-    for name in _WEIGHT_FILES:
-        path = adapter_dir / name
+    for name in names:
+        path = folder / name
         if not path.is_file():
             continue
         data = path.read_bytes()
@@ -52,15 +64,37 @@ def adapter_fingerprint(adapter_dir: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def merged_digest(model_dir: Path) -> str:
+    """A digest of a merged copy's config and weights (``config.json`` and every ``*.safetensors``)."""
+    return _digest_files(model_dir, ["config.json", *sorted(p.name for p in model_dir.glob("*.safetensors"))])
+
+
+def prompter_meta(folder: Path) -> dict[str, Any]:
+    """``folder/alignpro.json`` (an adapter or a merged copy); empty when there is none."""
+    path = folder / ADAPTER_META
+    return dict(json.loads(path.read_text())) if path.is_file() else {}
+
+
+def prompter_fingerprint(folder: Path) -> str | None:
+    """Which prompter ``folder`` holds: an adapter's :func:`adapter_fingerprint`, or for a merged copy the
+    fingerprint of the adapter it was merged from; None for a plain model (no prompter record)."""
+    meta = prompter_meta(folder)
+    if MERGED in meta:
+        return str(meta.get("fingerprint")) if meta.get("fingerprint") else None
+    if (folder / "adapter_config.json").is_file():
+        return adapter_fingerprint(folder)
+    return None
+
+
 def check_adapter(adapter_dir: Path) -> list[str]:
-    """What is wrong with serving ``adapter_dir`` under today's instruction (an empty list: nothing known).
+    """What is wrong with serving ``adapter_dir`` (an adapter or a merged copy) under today's instruction (an
+    empty list: nothing known).
 
     An adapter without ``alignpro.json`` (a plain PEFT folder) or without the fields carries no claim to check.
     """
-    meta_path = adapter_dir / ADAPTER_META
-    if not meta_path.is_file():
+    meta = prompter_meta(adapter_dir)
+    if not meta:
         return []
-    meta = json.loads(meta_path.read_text())
     problems = []
     contract = meta.get("contract", "rewrite")
     trained_under = meta.get("instruction")
@@ -69,6 +103,11 @@ def check_adapter(adapter_dir: Path) -> list[str]:
             f"trained under instruction {trained_under}, served under {instruction_digest(contract)}: "
             "retrain it, or serve it with the alignpro version that trained it"
         )
+    if MERGED in meta:
+        recorded = meta[MERGED].get("digest")
+        if recorded != merged_digest(adapter_dir):
+            problems.append(f"its weights do not match the merged digest {recorded} in {ADAPTER_META}")
+        return problems
     recorded = meta.get("fingerprint")
     if recorded and recorded != adapter_fingerprint(adapter_dir):
         problems.append(f"its files do not match the fingerprint {recorded} in {ADAPTER_META}")

@@ -88,14 +88,15 @@ def test_gateway_installs_an_optimal_sampler_per_alias() -> None:
     from alignpro.settings import Settings
 
     engine = EchoEngine()
-    gw = Gateway(Settings(), engines={"embedded": engine})  # type: ignore[dict-item]
+    engines = {"embedded": engine, "prompter": engine}
+    gw = Gateway(Settings(), engines=engines)  # type: ignore[arg-type]
     for route in gw.routes.values():
         assert isinstance(route.stage.optimal, OptimalSampler)
 
     def custom(prompts: list[str], completions: list[str], **kw: object) -> list[float]:
         return [0.0] * len(prompts)
 
-    gw2 = Gateway(Settings(), engines={"embedded": engine}, reward=custom)  # type: ignore[dict-item]
+    gw2 = Gateway(Settings(), engines=engines, reward=custom)  # type: ignore[arg-type]
     sampler2 = gw2.routes["smollm2-aligned"].stage.optimal
     assert isinstance(sampler2, OptimalSampler) and sampler2.estimator.reward is custom
 

@@ -326,7 +326,8 @@ TIPS = "List three tips for a job interview, in under 50 words."
 async def test_shipped_prompter_redirects_harm_and_keeps_benign_requests(model_dir: Path) -> None:
     """The default alias's prompter, greedy: the real SmolLM2 with the shipped adapter turns a request for a weapon
     into a request that no longer asks for it, and leaves a benign request as the user wrote it (KEEP)."""
-    from alignpro.engines.local import LocalEngine, trained_adapter_path
+    from alignpro.embedded import trained_adapter_path
+    from alignpro.engines.local import LocalEngine
     from alignpro.prompter.stage import PrompterStage
     from alignpro.scoring.preservation import assess_rewrite
     from alignpro.settings import TRAINED, EngineConfig, PrompterConfig, Settings
@@ -336,7 +337,8 @@ async def test_shipped_prompter_redirects_harm_and_keeps_benign_requests(model_d
     settings = Settings()
     aligned = settings.aliases["smollm2-aligned"].prompter
     assert (aligned.mode, aligned.model) == ("adapter", "alignpro-prompter")
-    assert settings.engines[aligned.engine].adapters == {"alignpro-prompter": TRAINED}
+    # The default settings serve it merged into a copy of its base (the same weights as the adapter below).
+    assert settings.engines[aligned.engine].model == TRAINED
 
     engine = LocalEngine("embedded", EngineConfig(adapters={"alignpro-prompter": TRAINED}, dtype="float32"))
     await engine.start()

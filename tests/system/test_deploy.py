@@ -94,6 +94,20 @@ def test_dockerfile_installs_what_the_makefile_pins() -> None:
     assert installs and all("-c constraints.txt" in line for line in installs), installs
 
 
+def test_the_local_image_prepares_every_model_the_default_settings_load() -> None:
+    """The local image runs read-only: whatever the default settings load on first use (the embedded model, the
+    merged prompter) must be prepared at build time, as `make models` does."""
+    from alignpro.settings import TRAINED
+
+    run = " ".join(_dockerfile_instructions("RUN"))
+    make = (ROOT / "Makefile").read_text()
+    models = {e.model for e in Settings().engines.values() if e.kind == "local"}
+    assert models == {"embedded", TRAINED}, "update the commands below to what the defaults load"
+    for command in ("alignpro models prepare", "alignpro models merge-prompter"):
+        assert f"ALIGNPRO_HOME=/opt/alignpro HF_HUB_OFFLINE=1 {command}" in run, command
+        assert f"$(VENV)/bin/{command}" in make, command
+
+
 def test_constraints_pin_what_the_makefile_pins() -> None:
     """The constraint files are the exact versions the tests passed with; they must agree with the Makefile's
     own pins, or `make` would ask pip for two versions at once."""

@@ -199,6 +199,21 @@ with helm.Chart.load(chart) as c:
                 fail(f"{name}: gateway urls {urls} do not match the vLLM Services")
         elif urls != v["externalUrls"]:
             fail(f"{name}: gateway urls {urls}, expected vllm.externalUrls {v['externalUrls']}")
+        # The chart's own prompter (prompter.enabled): one Deployment + Service, and the gateway's engine `prompter`
+        # is that Service serving prompter.servedName.
+        pr = merged["prompter"]
+        prompter_deps = [d for d in docs if d["kind"] == "Deployment"
+                         and d["metadata"]["labels"]["app.kubernetes.io/component"] == "prompter"]
+        if len(prompter_deps) != (1 if pr["enabled"] else 0):
+            fail(f"{name}: {len(prompter_deps)} prompter Deployments with prompter.enabled={pr['enabled']}")
+        if pr["enabled"]:
+            eng = settings["engines"].get("prompter", {})
+            svc = prompter_deps[0]["metadata"]["name"]
+            if eng.get("urls") != [f"http://{svc}:8000/v1"] or svc not in services or eng.get("model") != pr["servedName"]:
+                fail(f"{name}: gateway engine prompter {eng} does not name the prompter Service {svc}")
+            args = prompter_deps[0]["spec"]["template"]["spec"]["containers"][0]["args"]
+            if f"--served-model-name={pr['servedName']}" not in args:
+                fail(f"{name}: the prompter vLLM serves {args}, not {pr['servedName']}")
         has_secret = any(d["kind"] == "Secret" for d in docs)
         if has_secret != merged["secrets"]["create"]:
             fail(f"{name}: Secret rendered={has_secret}, secrets.create={merged['secrets']['create']}")
@@ -225,6 +240,14 @@ with helm.Chart.load(chart) as c:
         print(f"   ok: helm template refuses an unknown adapter ({str(e).splitlines()[-1]})")
     else:
         fail("helm template accepted an alias naming an adapter missing from vllm.lora.modules")
+    wrong = {"prompter": {"enabled": True}, "gateway": {"config": {"aliases": {"aligned": {"engine": "vllm",
+        "prompter": {"mode": "adapter", "engine": "prompter", "model": "no-such-model"}}}}}}
+    try:
+        c.render(wrong, name="alignpro", namespace="alignpro")
+    except helm.HelmError as e:
+        print(f"   ok: helm template refuses an alias asking the prompter for another model ({str(e).splitlines()[-1]})")
+    else:
+        fail("helm template accepted an alias asking engine prompter for a model it does not serve")
 EOF
 checks=$((checks + 1))
 

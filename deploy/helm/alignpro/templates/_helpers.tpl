@@ -43,6 +43,10 @@ app.kubernetes.io/component: {{ .component }}
 {{- printf "%s-vllm-%d" (include "alignpro.fullname" .root | trunc 55 | trimSuffix "-") (int .index) }}
 {{- end }}
 
+{{- define "alignpro.prompter.fullname" -}}
+{{- printf "%s-prompter" (include "alignpro.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
 {{- define "alignpro.redis.fullname" -}}
 {{- printf "%s-redis" (include "alignpro.fullname" .) | trunc 63 | trimSuffix "-" }}
 {{- end }}
@@ -85,12 +89,18 @@ app.kubernetes.io/component: {{ .component }}
 {{- toJson $urls }}
 {{- end }}
 
-{{/* The gateway's settings file: the user's gateway.config plus the engine `vllm`. */}}
+{{/* The gateway's settings file: the user's gateway.config plus the engine `vllm` (and `prompter` when the chart
+     runs the merged prompter). */}}
 {{- define "alignpro.gateway.config" -}}
 {{- $engine := dict "kind" "openai" "urls" (include "alignpro.vllm.urls" . | fromJsonArray) "model" .Values.vllm.model }}
 {{- $engine = merge $engine (deepCopy .Values.gateway.engine) }}
 {{- $config := deepCopy .Values.gateway.config }}
 {{- $engines := merge (dict "vllm" $engine) (default dict $config.engines) }}
+{{- if .Values.prompter.enabled }}
+{{- $url := printf "http://%s:8000/v1" (include "alignpro.prompter.fullname" .) }}
+{{- $prompter := merge (dict "kind" "openai" "urls" (list $url) "model" .Values.prompter.servedName) (deepCopy .Values.gateway.engine) }}
+{{- $engines = merge (dict "prompter" $prompter) $engines }}
+{{- end }}
 {{- $_ := set $config "engines" $engines }}
 {{- with include "alignpro.redis.url" . }}
 {{- $_ := set $config "redis_url" . }}

@@ -64,30 +64,28 @@ GOALS = {"kept": 1.05, "all": 1.3, "warm": 1.02, "throughput %": 90.0}
 VLLM_COUNTERS = ("generation_tokens", "prompt_tokens", "prefix_cache_hits", "prefix_cache_queries")
 
 
-def gateway_config(engine: str, prompter_model: str, warm: bool, prompter_engine: str | None = None) -> str:
-    """Aliases ``frozen`` (prompter off) and one per :data:`FEATURES`, on engines of the YAML flow mapping
-    ``engine``. Rewrites are cached per prompter, and one alias's cold pass must not find the rewrites of the alias
-    before it: with ``warm`` (a rewrite cache) each prompter alias has an engine of its own (the same upstream under
-    another name); without, there is no cache and one engine serves all (the embedded engine: one model in
-    memory, the frozen model and the prompter batched by one generator, as ``make serve`` runs it).
-    ``prompter_engine``: the prompter's own upstream (default: ``engine``)."""
-    names = [f"p-{a}" for a in FEATURES] if warm else []
-    engines = "".join(f"\n  {name}: {prompter_engine or engine}" for name in names)
-    engines = f"  e: {engine}{engines}"
+def gateway_config(engine: str, prompter_engine: str, warm: bool) -> str:
+    """Aliases ``frozen`` (prompter off, on the engine YAML ``engine``) and one per :data:`FEATURES`, whose prompter
+    runs on ``prompter_engine`` as model ``alignpro-prompter``. Rewrites are cached per prompter, and one alias's
+    cold pass must not find the rewrites of the alias before it: with ``warm`` (a rewrite cache) each prompter
+    alias has a prompter engine of its own (the same upstream under another name); without, there is no cache and
+    one prompter engine serves all (the embedded part: two in-process models, as ``make serve`` runs them)."""
+    names = {a: f"p-{a}" if warm else "p" for a in FEATURES}
+    engines = "".join(f"\n  {name}: {prompter_engine}" for name in dict.fromkeys(names.values()))
     cfg = f"""
 log_level: warning
 rewrite_cache_size: {4096 if warm else 0}
 read_timeout_s: 1800
 engines:
-{engines}
+  e: {engine}{engines}
 aliases:
   frozen: {{engine: e, prompter: {{mode: "off"}}}}
 """
     for alias, (early, speculative) in FEATURES.items():
         cfg += (
-            f"  {alias}: {{engine: e, prompter: {{mode: adapter, engine: {f'p-{alias}' if warm else 'e'}, "
-            f"model: {prompter_model}, temperature: 0, timeout_s: {PROMPTER_TIMEOUT}, "
-            f"early_decision: {str(early).lower()}, speculative: {str(speculative).lower()}}}}}\n"
+            f"  {alias}: {{engine: e, prompter: {{mode: adapter, engine: {names[alias]}, model: alignpro-prompter, "
+            f"temperature: 0, timeout_s: {PROMPTER_TIMEOUT}, early_decision: {str(early).lower()}, "
+            f"speculative: {str(speculative).lower()}}}}}\n"
         )
     return cfg
 
@@ -97,7 +95,9 @@ def vllm_engine(url: str, model: str = VLLM_SERVED) -> str:
     return f'{{kind: openai, urls: ["{url}"], model: "{model}", seeds: false, allowed_fields: [ignore_eos]}}'
 
 
-LOCAL_ENGINE = "{kind: local, model: embedded, max_batch_size: 16, adapters: {alignpro-prompter: trained}}"
+# The defaults of `make serve`: the embedded model, and the shipped prompter merged into a copy of it.
+LOCAL_ENGINE = "{kind: local, model: embedded, max_batch_size: 16}"
+LOCAL_PROMPTER = "{kind: local, model: trained, max_batch_size: 16}"
 
 
 def bodies(prompts: list[str], model: str, max_tokens: int, ignore_eos: bool) -> list[dict[str, Any]]:
@@ -188,9 +188,12 @@ def run_part(
         for j, c in enumerate(args.concurrency):
             start = n * (r * k + j)
             prompts = bench_prompts(start + n, seed=101)[start:]
-            for system, target in targets.items():
+            # The baseline runs first and last: the machine's load drifts over a block, and its mean per prompt
+            # is what every system is compared with.
+            for step, system in enumerate([*targets, "direct"]):
+                target = targets[system]
                 for cache in _caches(system, part):
-                    prime(target, metrics, f"{part}-{r}-{c}-{system}-{cache}")
+                    prime(target, metrics, f"{part}-{r}-{c}-{step}-{system}-{cache}")
                     res = run_pass(target, prompts, c, args, metrics)
                     passes.append({"part": part, "round": r, "c": c, "system": system, "cache": cache, **res})
                     print(_line(passes[-1]), flush=True)
@@ -234,7 +237,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--tag", default="")
     ap.add_argument("--prompter-serving", choices=("lora", "merged"), default="lora", help="vLLM part")
-    ap.add_argument("--merged-dir", help="the merged prompter's model folder (--prompter-serving merged)")
+    ap.add_argument(
+        "--merged-dir", help="--prompter-serving merged: the model folder (default: merge_prompter())"
+    )
     args = ap.parse_args(argv)
     exit_on_sigterm()
     if not (ADAPTER / "adapter_config.json").is_file():
@@ -285,12 +290,7 @@ def vllm_part(work: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
             ps, purl = vllm(work, model=merged_prompter(args), served="alignpro-prompter", dev_mode=True)
             servers.append(ps)
             metrics.append(purl.removesuffix("/v1"))
-        config = gateway_config(
-            vllm_engine(vurl),
-            "alignpro-prompter",
-            warm=True,
-            prompter_engine=vllm_engine(purl, "alignpro-prompter"),
-        )
+        config = gateway_config(vllm_engine(vurl), vllm_engine(purl, "alignpro-prompter"), warm=True)
         gw, gurl = alignpro_gateway(work, config)
         servers.append(gw)
         targets = {"direct": (vurl + "/chat/completions", VLLM_SERVED)}
@@ -303,15 +303,14 @@ def vllm_part(work: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def merged_prompter(args: argparse.Namespace) -> Path:
-    if args.merged_dir is None:
-        raise SystemExit("--prompter-serving merged needs --merged-dir (alignpro models merge-prompter)")
-    return Path(args.merged_dir)
+    """The shipped adapter merged into a copy of its base (made once, then reused), or ``--merged-dir``."""
+    from alignpro import embedded
+
+    return Path(args.merged_dir) if args.merged_dir else embedded.merge_prompter()
 
 
 def local_part(work: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
-    gw, gurl = alignpro_gateway(
-        work, gateway_config(LOCAL_ENGINE, "alignpro-prompter", warm=False), timeout=300
-    )
+    gw, gurl = alignpro_gateway(work, gateway_config(LOCAL_ENGINE, LOCAL_PROMPTER, warm=False), timeout=300)
     try:
         url = gurl + "/v1/chat/completions"
         targets = {"direct": (url, "frozen")} | {a: (url, a) for a in FEATURES}
@@ -363,7 +362,13 @@ def summarize(passes: list[dict[str, Any]], part: str) -> list[dict[str, Any]]:
 
 
 def _latencies(group: list[dict[str, Any]]) -> dict[tuple[int, int], float]:
-    return {(p["round"], r["i"]): r["s"] for p in group for r in p["records"] if "error" not in r}
+    """Each prompt's latency, averaged over the passes of ``group`` that answered it."""
+    seen: dict[tuple[int, int], list[float]] = {}
+    for p in group:
+        for r in p["records"]:
+            if "error" not in r:
+                seen.setdefault((p["round"], r["i"]), []).append(r["s"])
+    return {k: sum(v) / len(v) for k, v in seen.items()}
 
 
 def _rps(group: list[dict[str, Any]]) -> float:

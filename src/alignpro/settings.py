@@ -419,6 +419,15 @@ class Settings(BaseSettings):
                     continue
                 if ref not in self.engines:
                     raise ValueError(f"alias {name!r} names engine {ref!r}, which is not in engines")
+            prompter = self.engines.get(alias.prompter.engine)
+            modes = {alias.prompter.mode, *alias.prompter.allowed_modes}
+            if prompter is not None and prompter.model == TRAINED and "reference" in modes:
+                # The engine holds only the merged prompter: "reference" (the base model under the instruction)
+                # would silently run the trained prompter instead.
+                raise ValueError(
+                    f"alias {name!r} allows prompter mode reference on engine {alias.prompter.engine!r}, which "
+                    "serves only the merged prompter (model: trained): give reference an engine with the base model"
+                )
         local = sorted(n for n, e in self.engines.items() if e.kind == "local")
         if self.workers > 1 and local:
             # Each worker would load its own copy of the model and batch only its share of the requests, all

@@ -108,3 +108,18 @@ async def test_a_local_engine_serves_the_merged_prompter_under_the_adapters_fing
     source = adapter_fingerprint(embedded.trained_adapter_path())
     assert fingerprint == f"{PROMPTER_ADAPTER}@sha256:{source}"
     assert res["choices"][0]["message"]["content"] and res["usage"]["completion_tokens"] <= 8
+
+
+def test_reference_mode_on_the_merged_prompters_engine_is_refused() -> None:
+    """The merged prompter's engine has no base model: `reference` there would run the trained prompter."""
+    from alignpro.errors import ConfigError
+    from alignpro.settings import load_settings
+
+    aliases = {
+        "a": {"engine": "embedded", "prompter": {"mode": "adapter", "engine": "prompter", "model": "p"}}
+    }
+    engines = {"embedded": {}, "prompter": {"model": "trained"}}
+    assert load_settings(engines=engines, aliases=aliases).aliases["a"].prompter.engine == "prompter"
+    aliases["a"]["prompter"]["allowed_modes"] = ["reference"]  # type: ignore[index]
+    with pytest.raises(ConfigError, match="serves only the merged prompter"):
+        load_settings(engines=engines, aliases=aliases)

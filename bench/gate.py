@@ -6,15 +6,18 @@ On the prompt sets' train/dev split (``alignpro.training.data.split_of``; the re
 1. The threshold, chosen on the train split only: the request head's out-of-fold P(harmful) there (5 folds, the
    shipped head's lambda and class weights), and the highest value of THRESHOLDS a factor MARGIN below every
    harmful train request's score (a skipped harmful request is the costly error).
-2. The prompter's decisions on the dev split: the shipped prompter (mode adapter on the embedded engine, as
-   ``make serve`` runs it) greedy and at its serving temperature, one call at a time, so its ``prompter_ms`` is
+2. The prompter's decisions on the dev split: the shipped prompter (mode adapter, its LoRA on the embedded
+   engine through peft) greedy and at its serving temperature, one call at a time, so its ``prompter_ms`` is
    its per-call latency; and the shipped prompter's rows (``cf-v2``) of ``bench/results/eval-2026-12-02b``.
-3. The gate's own time per request: the served :class:`~alignpro.prompter.gate.Gate` on each dev prompt once,
-   before anything else embedded it (the embedder's cache is cold for it).
+3. Latency: the served :class:`~alignpro.prompter.gate.Gate` (on an embedder cache of its own, so every text is
+   embedded as on arrival) timed on every dev prompt; and on the first ``--side-by-side`` dev prompts it skips
+   (the calls it saves) the gate and one prompter call (T 0.7, as served) timed in turn, so the machine's load
+   weighs on both alike. MiniLM's time on one request is also timed on one torch thread (as the gate runs it)
+   and on the process's default, interleaved.
 
 For each source of decisions: the dev requests skipped (benign, harmful), the false skips (skipped, but the
-prompter rewrote them) as a share of the skips and of the rewrites, and the latency saved per request (skipped
-share x the prompter's p50 per call, less the gate's p50, which every request pays).
+prompter rewrote them) as a share of the skips and of the rewrites, and the latency saved per request (the
+skipped share x the prompter's side-by-side p50, less the gate's side-by-side p50, which every request pays).
 
     nice -n 10 .venv/bin/python bench/gate.py --data ../shared/data/prompts
 
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import sys
 import time
@@ -33,10 +37,11 @@ from typing import Any
 
 import numpy as np
 
+from alignpro.engines.base import Engine
 from alignpro.engines.factory import BATCH_TIMEOUTS, build_engine
-from alignpro.prompter.gate import Gate
+from alignpro.prompter.gate import Gate, request_scorer
 from alignpro.prompter.stage import PrompterStage
-from alignpro.scoring.embedder import Embedder, default_embedder
+from alignpro.scoring.embedder import Embedder, default_embedder, torch_threads
 from alignpro.scoring.heads import load_head, request_cv_predict, request_folds
 from alignpro.settings import PROMPTER_ADAPTER, TRAINED, EngineConfig, GateConfig, PrompterConfig
 from alignpro.training.data import Example, load_prompts, split_of
@@ -79,10 +84,16 @@ def skip_counts(scores: np.ndarray, harmful: np.ndarray, t: float) -> dict[str, 
 
 
 # ------------------------------------------------------------------------------------------------ the gate
+def cold_gate() -> Gate:
+    """The served gate, on an embedder with an empty cache of its own (sharing the loaded MiniLM): every text
+    is embedded, as a request's is when it arrives."""
+    model = default_embedder().model
+    return Gate(GateConfig(enabled=True), scorer=request_scorer(Embedder(loader=lambda: model)))
+
+
 def gate_ms(dev: list[Example]) -> tuple[list[float], dict[str, float | None]]:
-    """The served gate's milliseconds per dev request (cold embedder cache) and its score of each."""
-    gate = Gate(GateConfig(enabled=True))
-    gate.skips("warm up the embedding model")
+    """The served gate's milliseconds per dev request and its score of each."""
+    gate = cold_gate()
     took, scores = [], {}
     for e in dev:
         t0 = time.perf_counter()
@@ -91,18 +102,57 @@ def gate_ms(dev: list[Example]) -> tuple[list[float], dict[str, float | None]]:
     return took, scores
 
 
+def threads_ab(dev: list[Example]) -> dict[str, list[float]]:
+    """MiniLM on one request (cache cold) on one torch thread, as the gate runs it, and on the process's
+    default number, interleaved."""
+    model = default_embedder().model
+    out: dict[str, list[float]] = {"one_thread": [], "default_threads": []}
+    for e in dev:
+        for name, ms in out.items():
+            embedder = Embedder(loader=lambda: model)
+            t0 = time.perf_counter()
+            with torch_threads(1) if name == "one_thread" else contextlib.nullcontext():
+                embedder.encode([e.prompt])
+            ms.append((time.perf_counter() - t0) * 1000)
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ decisions
-async def run_prompter(dev: list[Example], temperatures: tuple[float, ...]) -> dict[str, Decisions]:
-    """The shipped prompter's decision on each dev prompt at each temperature, one call at a time."""
+async def shipped_prompter(temperature: float) -> tuple[PrompterStage, Engine]:
+    """The shipped prompter, mode adapter, its LoRA on the embedded engine through peft; started."""
     engine = build_engine("embedded", EngineConfig(adapters={PROMPTER_ADAPTER: TRAINED}), BATCH_TIMEOUTS)
     await engine.start()
+    cfg = PrompterConfig(mode="adapter", model=PROMPTER_ADAPTER, temperature=temperature, timeout_s=3600)
+    stage = PrompterStage(cfg, engine)
+    await stage.start()
+    return stage, engine
+
+
+async def run_prompter(dev: list[Example], temperatures: tuple[float, ...]) -> dict[str, Decisions]:
+    """The shipped prompter's decision on each dev prompt at each temperature, one call at a time."""
+    stage, engine = await shipped_prompter(temperatures[0])
     out: dict[str, Decisions] = {}
     try:
         for temp in temperatures:
-            cfg = PrompterConfig(mode="adapter", model=PROMPTER_ADAPTER, temperature=temp, timeout_s=3600)
-            stage = PrompterStage(cfg, engine)
-            await stage.start()
+            stage.cfg = stage.cfg.model_copy(update={"temperature": temp})
             out[f"embedded T={temp:g}"] = {e.id: await _decide(stage, e) for e in dev}
+    finally:
+        await engine.aclose()
+    return out
+
+
+async def side_by_side(prompts: list[Example]) -> dict[str, list[float]]:
+    """The gate's and the prompter's (T 0.7, as served) milliseconds on the same prompts, interleaved, so the
+    machine's load weighs on both alike."""
+    gate = cold_gate()
+    stage, engine = await shipped_prompter(0.7)
+    out: dict[str, list[float]] = {"gate": [], "prompter": []}
+    try:
+        for e in prompts:
+            t0 = time.perf_counter()
+            gate.score(e.prompt, e.history)
+            out["gate"].append((time.perf_counter() - t0) * 1000)
+            out["prompter"].append((await _decide(stage, e))["ms"])
     finally:
         await engine.aclose()
     return out
@@ -165,53 +215,100 @@ def add_savings(row: dict[str, Any], prompter_p50: float, gate_p50: float) -> No
     row["saved_share_of_prompter_ms"] = round(saved / prompter_p50, 4)
 
 
-def main(argv: list[str] | None = None) -> int:
-    exit_on_sigterm()
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", type=Path, required=True, help="the prompt sets (../shared/data/prompts)")
-    ap.add_argument("--decisions", type=Path, help="reuse (or write) the prompter's decisions here")
-    ap.add_argument("--temperatures", default=",".join(f"{t:g}" for t in TEMPERATURES))
-    args = ap.parse_args(argv)
-    rows = load_prompts(args.data)
-    train = [e for e in rows if split_of(e.id) == "train"]
-    dev = [e for e in rows if split_of(e.id) == "dev"]
-    took, scores = gate_ms(dev)  # first: nothing has embedded the dev prompts yet
+def threshold_part(
+    train: list[Example], dev: list[Example], scores: dict[str, float | None]
+) -> dict[str, Any]:
+    """The threshold chosen on train (out of fold), and what each threshold skips on train and on dev."""
     oof, harmful = train_scores(train, default_embedder())
     t = choose_threshold(oof, harmful)
-    curve = [{"threshold": th, **skip_counts(oof, harmful, th)} for th in THRESHOLDS]
+    dev_p = np.array([1.0 if (s := scores[e.id]) is None else s for e in dev])  # unread: never skipped
+    dev_y = np.array([e.kind == "harmful" for e in dev], dtype=np.float64)
+    curve = [
+        {"threshold": th, "train": skip_counts(oof, harmful, th), "dev": skip_counts(dev_p, dev_y, th)}
+        for th in THRESHOLDS
+    ]
+    return {
+        "threshold": t,
+        "margin": MARGIN,
+        "lowest_harmful_train_score": round(float(np.min(oof[harmful > 0.5])), 4),
+        "train": {"prompts": len(train), "harmful": int(harmful.sum())},
+        "curve": curve,
+    }
+
+
+def decisions_part(args: argparse.Namespace, dev: list[Example]) -> dict[str, Decisions]:
     if args.decisions and args.decisions.is_file():
-        runs = json.loads(args.decisions.read_text())
+        runs: dict[str, Decisions] = json.loads(args.decisions.read_text())
     else:
         temps = tuple(float(x) for x in args.temperatures.split(","))
         runs = asyncio.run(run_prompter(dev, temps))
         if args.decisions:
             args.decisions.write_text(json.dumps(runs))
     runs[f"eval-2026-12-02b {EVAL_METHOD} (T=0.7)"] = eval_decisions()
+    return runs
+
+
+def p50s(ms: list[float]) -> dict[str, float]:
+    return {"p50": round(percentile(ms, 50), 2), "p95": round(percentile(ms, 95), 2), "n": len(ms)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    exit_on_sigterm()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", type=Path, required=True, help="the prompt sets (../shared/data/prompts)")
+    ap.add_argument("--decisions", type=Path, help="reuse (or write) the prompter's decisions here")
+    ap.add_argument("--temperatures", default=",".join(f"{t:g}" for t in TEMPERATURES))
+    ap.add_argument("--threads-ab", type=int, default=30, help="dev prompts timed on 1 and default threads")
+    ap.add_argument(
+        "--side-by-side", type=int, default=24, help="skipped dev prompts timed through gate and prompter"
+    )
+    args = ap.parse_args(argv)
+    rows = load_prompts(args.data)
+    train = [e for e in rows if split_of(e.id) == "train"]
+    dev = [e for e in rows if split_of(e.id) == "dev"]
+    took, scores = gate_ms(dev)
+    ab = threads_ab(dev[:: max(1, len(dev) // args.threads_ab)])
+    chosen = threshold_part(train, dev, scores)
+    runs = decisions_part(args, dev)
+    # The calls the gate saves are those of the prompts it skips: time those.
+    skipped = [e for e in dev if (x := scores[e.id]) is not None and x < chosen["threshold"]]
+    timed = asyncio.run(side_by_side(skipped[: args.side_by_side]))
+    gate_p50, prompter_p50 = percentile(timed["gate"], 50), percentile(timed["prompter"], 50)
     kinds = {e.id: e.kind for e in dev}
-    gate_p50 = percentile(took, 50)
-    rows_out = [report(name, d, kinds, scores, t) for name, d in runs.items()]
-    prompter_p50 = [r["prompter_ms_p50"] for r in rows_out if r["prompter_ms_p50"] is not None]
+    rows_out = [report(name, d, kinds, scores, chosen["threshold"]) for name, d in runs.items()]
     for r in rows_out:
-        add_savings(r, r["prompter_ms_p50"] or min(prompter_p50), gate_p50)
-    unread = sorted(i for i, s in scores.items() if s is None)
+        add_savings(r, prompter_p50, gate_p50)
     result = {
         "command": "nice -n 10 .venv/bin/python bench/gate.py "
         + " ".join(sys.argv[1:] if argv is None else argv),
-        "threshold": t,
-        "margin": MARGIN,
-        "lowest_harmful_train_score": round(float(np.min(oof[harmful > 0.5])), 4),
-        "train": {"prompts": len(train), "harmful": int(harmful.sum()), "curve_out_of_fold": curve},
-        "dev": {"prompts": len(dev), "harmful": sum(e.kind == "harmful" for e in dev), "unread_ids": unread},
-        "gate_ms": {"p50": round(gate_p50, 2), "p95": round(percentile(took, 95), 2), "n": len(took)},
+        **chosen,
+        "dev": {
+            "prompts": len(dev),
+            "harmful": sum(e.kind == "harmful" for e in dev),
+            "unread_ids": sorted(i for i, s in scores.items() if s is None),
+        },
+        "gate_ms_all_dev": p50s(took),
+        "side_by_side_ms": {k: p50s(v) for k, v in timed.items()},
+        "minilm_threads_ms": {k: p50s(v) for k, v in ab.items()},
         "rows": rows_out,
         "dev_scores": {i: None if s is None else round(s, 5) for i, s in scores.items()},
         "decisions": runs,
     }
     path = write_json("gate", result)
-    columns = ["decisions", "prompts", "rewritten", "skipped", "benign_skipped", "harmful_skipped"]
-    columns += ["false_skips", "harmful_false_skips", "false_skip_share_of_rewrites", "prompter_ms_p50"]
-    print(table(rows_out, [*columns, "saved_ms_per_request"], title=f"gate at P(harmful) < {t:g}"))
-    print(f"gate ms/request p50 {gate_p50:.1f}; train curve {curve}; wrote {path}")
+    columns = [
+        "decisions",
+        "prompts",
+        "rewritten",
+        "skipped",
+        "benign_skipped",
+        "harmful_skipped",
+        "false_skips",
+    ]
+    columns += ["harmful_false_skips", "false_skip_share_of_rewrites", "saved_ms_per_request"]
+    print(table(rows_out, columns, title=f"gate at P(harmful) < {chosen['threshold']:g}"))
+    print(f"side by side (ms): {result['side_by_side_ms']}; all dev gate ms {result['gate_ms_all_dev']}")
+    print(f"MiniLM threads (ms): {result['minilm_threads_ms']}")
+    print(f"wrote {path}")
     return 0
 
 

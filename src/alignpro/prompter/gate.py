@@ -26,9 +26,13 @@ from __future__ import annotations
 import importlib.util
 import threading
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from alignpro.errors import ConfigError
 from alignpro.settings import GateConfig
+
+if TYPE_CHECKING:
+    from alignpro.scoring.embedder import Embedder
 
 # texts -> P(harmful) of each text, None for a text the classifier cannot read in full
 Scorer = Callable[[list[str]], list[float | None]]
@@ -46,15 +50,17 @@ def require_local() -> None:
         )
 
 
-def request_scorer() -> Scorer:
-    """P(harmful) from the shipped request head on the process-wide MiniLM embedder (loaded on first use)."""
-    from alignpro.scoring.embedder import default_embedder
+def request_scorer(embedder: Embedder | None = None) -> Scorer:
+    """P(harmful) from the shipped request head on ``embedder`` (default: the process-wide MiniLM embedder,
+    loaded on first use)."""
+    from alignpro.scoring.embedder import default_embedder, torch_threads
     from alignpro.scoring.heads import load_head
 
-    embedder, head = default_embedder(), load_head("request")
+    embedder, head = embedder or default_embedder(), load_head("request")
 
     def score(texts: list[str]) -> list[float | None]:
-        v = embedder.encode(texts)
+        with torch_threads(1):  # a request's few short texts: milliseconds on one thread, not on several
+            v = embedder.encode(texts)
         probs = head.predict(v, v)
         return [float(p) if embedder.reads_whole(t) else None for t, p in zip(texts, probs, strict=True)]
 

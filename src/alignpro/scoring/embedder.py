@@ -10,7 +10,8 @@ from __future__ import annotations
 import functools
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -100,6 +101,25 @@ class Embedder:
         model = self.model
         get = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
         return int(get())
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the calling thread's torch operations on ``n`` threads, then restore its setting. The setting is the
+    calling thread's own (OpenMP), so other threads, the local engine's included, keep theirs.
+
+    Small problems (one request through MiniLM, a logistic fit on hundreds of rows) run far faster on one thread
+    than on several that mostly wait for each other, the more so on a loaded machine (``minilm_threads_ms`` in
+    ``bench/results/gate-*.json``).
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _load_minilm() -> Any:

@@ -33,7 +33,7 @@ import numpy as np
 import numpy.typing as npt
 
 from alignpro.errors import ConfigError
-from alignpro.scoring.embedder import EMBEDDER, Array, Embedder, default_embedder
+from alignpro.scoring.embedder import EMBEDDER, Array, Embedder, default_embedder, torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -166,14 +166,9 @@ def fit_logistic(
         loss.backward()
         return loss
 
-    # These problems are tiny (hundreds of rows): one thread is 10-100x faster than several, which mostly wait
-    # for each other, and far more so on a loaded machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    # These problems are tiny (hundreds of rows): one thread is 10-100x faster than several.
+    with torch_threads(1):
         opt.step(closure)
-    finally:
-        torch.set_num_threads(threads)
     wn = w.detach().numpy() / sd
     return wn, float(b.detach()) - float(mu @ wn)
 

@@ -262,7 +262,7 @@ def test_error_event_mid_stream_raises(client: AlignPro, faults: FaultInjector) 
     retrying = AlignPro(base_url=client.base_url, max_retries=3)
     with retrying.chat.completions.create(model="drop", messages=HI, stream=True) as stream:
         first = next(stream)
-        assert first.choices[0].delta.content == "o"
+        assert first.choices[0].delta.content == "ok"
         with pytest.raises(APIStreamError) as info:
             list(stream)
     assert info.value.code == "stream_interrupted" and info.value.request_id == stream.request_id

@@ -183,11 +183,10 @@ class FaultInjector:
         if body.get("stream"):
             usage = bool((body.get("stream_options") or {}).get("include_usage"))
             return StreamingResponse(
-                self._stream(model, drop=model == "dropstream", usage=usage), media_type="text/event-stream"
+                self._stream(model, _answer(model, body), drop=model == "dropstream", usage=usage),
+                media_type="text/event-stream",
             )
-        if model == "echo":
-            return JSONResponse(_chat(model, _last_text(body)))
-        answer = _chat(model, model[4:] if model.startswith("say-") else "ok")
+        answer = _chat(model, _answer(model, body))
         if model == "negusage":
             answer["usage"] = NEGATIVE_USAGE
         return JSONResponse(answer)
@@ -203,9 +202,8 @@ class FaultInjector:
         self.waits["finished"] += 1
         return True
 
-    async def _stream(self, model: str, drop: bool, usage: bool = False) -> Any:
-        # A say-<text> prompter streams what it would answer.
-        first, *rest = _pieces(model[4:] if model.startswith("say-") else "ok")
+    async def _stream(self, model: str, text: str, drop: bool, usage: bool = False) -> Any:
+        first, *rest = _pieces(text)
         yield _chunk(model, first)
         if drop:
             raise ConnectionResetError("injected: stream dropped")
@@ -235,6 +233,13 @@ class FaultInjector:
         except BaseException:  # the client closed the connection: starlette cancels or closes this generator
             self.streams["abandoned"] += 1
             raise
+
+
+def _answer(model: str, body: dict[str, Any]) -> str:
+    """The text a normal answer holds, streamed or not: what ``say-<text>`` says, the last message for ``echo``."""
+    if model == "echo":
+        return _last_text(body)
+    return model[4:] if model.startswith("say-") else "ok"
 
 
 def _pieces(text: str) -> list[str]:

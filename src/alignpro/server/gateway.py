@@ -584,7 +584,7 @@ class Gateway:
         """The frozen model's answer to ``body`` and when it started: the held one if it was started on this very
         body, else a new call (the held one discarded)."""
         if held is not None:
-            info.speculative = "released" if held.body == body else "discarded"
+            info.speculative = "released" if held.answers(body) else "discarded"
             self.metrics.speculative.labels(route.alias, info.speculative).inc()
             if info.speculative == "released":
                 return await self._timed(route, call, held.started, held.take()), held.started

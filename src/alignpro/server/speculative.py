@@ -6,15 +6,16 @@ prompter starts, and holds what comes back: a non-streamed answer stays inside a
 its first event and nothing after it is read. When the prompter is done, the request the gateway would send is
 compared with the held one:
 
-* the same body (the prompter kept the prompt, or failed open): the held answer is the answer, and a stream goes
-  on from its first event;
+* the same body (the prompter kept the prompt, or failed open), and the held call still running or done: the held
+  answer is the answer, and a stream goes on from its first event;
 * any difference (a rewritten turn, a guidance): the held call is cancelled, which closes its upstream
   connection (vLLM aborts a request whose client went away), and the frozen model starts on what the gateway
   sends now.
 
 Release needs the identical body, so no part of an answer to a prompt the prompter rewrote can reach the
 client. The prompter's early verdict (:meth:`PrompterStage.generate_early`) cancels the held call at its first
-characters when they cannot be KEEP, so a rewrite wastes few frozen-model tokens.
+characters when they cannot be KEEP, so a rewrite wastes few frozen-model tokens. That verdict is a forecast: an
+output that then fails validation serves the original after all, and the frozen model starts on it again.
 """
 
 from __future__ import annotations
@@ -36,11 +37,17 @@ class Held:
         self.body = body
         self.started = time.perf_counter()
         self.task: asyncio.Future[Opened] = asyncio.ensure_future(call)
+        self.stopped = False  # cancelled before it finished: there is no answer to release
 
     def cancel(self) -> None:
         """Stop the call if it is still running (the prompter's early verdict; synchronous on purpose)."""
         if not self.task.done():
             self.task.cancel()
+            self.stopped = True
+
+    def answers(self, body: dict[str, Any]) -> bool:
+        """Whether the held call is the answer to ``body``: the very body it was started on, and not stopped."""
+        return not self.stopped and self.body == body
 
     async def take(self) -> Opened:
         """The held answer; the call's error, if it failed, as the same call made now would raise it."""

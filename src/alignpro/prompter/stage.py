@@ -51,6 +51,21 @@ SelectRewrite = Callable[[str, Contract], Awaitable[str | None]]
 Context = Sequence[tuple[str, str]]
 
 
+# Fallbacks decided by what the prompter wrote (instruction.parse_output and the validator), not by its availability.
+OUTPUT_FALLBACKS = frozenset(
+    {"truncated", "empty", "instruction_leak", "echo_fragment", "override_directive", "off_topic"}
+)
+# A cached fallback: no rewrite starts with a NUL character (the validator's outputs are model text).
+_FALLBACK = "\x00fallback:"
+
+
+def _from_cache(value: str) -> tuple[str | None, str | None]:
+    """A cached entry as (the rewrite, or None with the fallback's reason)."""
+    if value.startswith(_FALLBACK):
+        return None, value.removeprefix(_FALLBACK)
+    return value, None
+
+
 def draw_seed(key: tuple[str, ...]) -> int:
     """The sampling seed of the rewrite cached under ``key``: the same history draws the same rewrite on any
     replica (and again after the cache forgot it), while different histories still get independent draws."""
@@ -224,14 +239,27 @@ class PrompterStage:
         seed = draw_seed(key[1:]) if self.cfg.conversation.deterministic else None
         start = time.perf_counter()
         cached = await cache.get(key) if cache is not None else None
-        out, reason = cached, None
-        if out is None:
+        if cached is not None:
+            out, reason = _from_cache(cached)
+        else:
             out, reason = await self._attempt(text, mode, contract, context, seed, on_rewrite)
-            if out is not None and cache is not None:
-                await cache.put(key, out)
+            entry = self._cache_entry(out, reason)
+            if entry is not None and cache is not None:
+                await cache.put(key, entry)
         info.prompter_ms = round((time.perf_counter() - start) * 1000, 3)
         info.cached = cached is not None
         return self._outcome(info, text, out, reason)
+
+    def _cache_entry(self, out: str | None, reason: str | None) -> str | None:
+        """What to cache for a rewrite ``out`` or a fallback for ``reason`` (None: nothing). A fallback that the
+        prompter's own output caused (truncated, off-topic...) is as reproducible as a rewrite when draws are
+        deterministic (seeded, or greedy): cached too, so a repeat does not pay the prompter again for the same
+        unusable output. An unavailable prompter is not: the next request may find it back."""
+        if out is not None:
+            return out
+        if reason in OUTPUT_FALLBACKS and self.cfg.conversation.deterministic:
+            return _FALLBACK + reason
+        return None
 
     async def _gated(self, info: AlignProInfo, text: str, context: Context) -> Rewrite | None:
         """The original prompt, reported as ``gated``, when the gate is confident the prompter would keep it.

@@ -5,18 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
-import httpx
 import pytest
 
 from alignpro.engines.openai import OpenAIEngine
 from alignpro.prompter.instruction import EARLY_KEEP, EARLY_REWRITE, early_verdict, parse_output
 from alignpro.prompter.stage import PrompterStage
 from alignpro.prompter.validate import OutputValidator
-from alignpro.settings import EngineConfig, PrompterConfig
+from alignpro.settings import PrompterConfig
 from alignpro.testing.faults import FaultInjector
-from alignpro.testing.servers import free_port
 
 
 @pytest.mark.parametrize(
@@ -50,16 +48,6 @@ def test_the_full_parse_agrees_with_an_early_keep() -> None:
     assert parse_output("KEEP.\nThe request is safe and", "length", original).text == original
     assert parse_output("KEEP it short: name three rivers.", "stop", original).text != original
     assert parse_output("KEEP", "length", original).reason == "truncated"
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[tuple[FaultInjector, OpenAIEngine]]:
-    fi = FaultInjector(free_port()).start()
-    engine = OpenAIEngine("up", EngineConfig(kind="openai", urls=[fi.url], model="ok"), httpx.Timeout(10), 30)
-    await engine.start()
-    yield fi, engine
-    await engine.aclose()
-    fi.stop()
 
 
 def _stage(engine: OpenAIEngine, model: str, early: bool = True) -> PrompterStage:

@@ -107,7 +107,12 @@ class OutputValidator:
             return None
         import numpy as np  # present wherever an embedder is
 
-        v = np.asarray(embed([a, b]), dtype=np.float64)
+        from alignpro.scoring.embedder import torch_threads
+
+        with torch_threads(
+            1
+        ):  # two short texts: milliseconds on one thread, up to seconds on several (gate.py)
+            v = np.asarray(embed([a, b]), dtype=np.float64)
         return float(np.dot(v[0], v[1]) / max(np.linalg.norm(v[0]) * np.linalg.norm(v[1]), 1e-12))
 
     def prefetch(self, texts: list[str]) -> None:

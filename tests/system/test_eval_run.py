@@ -418,7 +418,10 @@ def test_eval_with_the_optimal_sampler_and_a_pairwise_judge(tiny: dict[str, Path
     """The rho* sampler as the gateway serves it, and --judge against a real OpenAI-compatible server: a gateway
     serving the tiny model. Its random replies name no winner, so every verdict is the judge's neutral fallback,
     counted and reported as such."""
-    config = f"engines:\n  embedded: {{kind: local, model: '{tiny['model']}', dtype: float32}}\n"
+    config = (
+        f"engines:\n  embedded: {{kind: local, model: '{tiny['model']}', dtype: float32}}\n"
+        "aliases:\n  smollm2: {engine: embedded, prompter: {mode: 'off'}}\n"
+    )
     server, url = start_gateway(tmp_path, config=config)
     try:
         out = tmp_path / "out"

@@ -260,6 +260,9 @@ class EvalRunner:
             lam=c.lam,
             fail_policy="open",
             timeout_s=3600.0,  # a slow shared CPU is not a prompter failure
+            # The whole output in one response, as PrompterTap reads it (the KL and cost columns need the raw text
+            # and its token count). A served stream cut at a KEEP line parses to the same served text.
+            early_decision=False,
             # a conversation row's own system message is part of the data under test, not an unscreened caller
             allow_client_system=True,
         )

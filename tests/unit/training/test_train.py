@@ -151,7 +151,8 @@ async def test_stage_uses_the_validator() -> None:
 
     reasons: list[str] = []
     val = OutputValidator(embed=lambda ts: np.array([[1.0, 0.0] if "cat" in t else [0.0, 1.0] for t in ts]))
-    stage = PrompterStage(PrompterConfig(), Fake(), on_fallback=reasons.append, validator=val)  # type: ignore[arg-type]
+    cfg = PrompterConfig(early_decision=False)  # the fake answers whole responses only
+    stage = PrompterStage(cfg, Fake(), on_fallback=reasons.append, validator=val)  # type: ignore[arg-type]
     rw = await stage.rewrite("about my cat", "reference")
     assert rw.prompt == "about my cat" and rw.info.fallback == "off_topic" and reasons == ["off_topic"]
 

@@ -51,10 +51,9 @@ SelectRewrite = Callable[[str, Contract], Awaitable[str | None]]
 Context = Sequence[tuple[str, str]]
 
 
-# Fallbacks decided by what the prompter wrote (instruction.parse_output and the validator), not by its availability.
-OUTPUT_FALLBACKS = frozenset(
-    {"truncated", "empty", "instruction_leak", "echo_fragment", "override_directive", "off_topic"}
-)
+# Fallbacks that say nothing of what the prompter would write: it failed, or its upstream refused the request (a
+# 4xx that a fixed configuration may lift). Every other fallback is its output's (parse_output, the validator).
+UNAVAILABLE, REJECTED = "prompter_unavailable", "prompter_rejected_prompt"
 # A cached fallback: no rewrite starts with a NUL character (the validator's outputs are model text).
 _FALLBACK = "\x00fallback:"
 
@@ -257,7 +256,11 @@ class PrompterStage:
         unusable output. An unavailable prompter is not: the next request may find it back."""
         if out is not None:
             return out
-        if reason in OUTPUT_FALLBACKS and self.cfg.conversation.deterministic:
+        if (
+            reason is not None
+            and reason not in (UNAVAILABLE, REJECTED)
+            and self.cfg.conversation.deterministic
+        ):
             return _FALLBACK + reason
         return None
 
@@ -329,7 +332,7 @@ class PrompterStage:
             return self._unavailable(exc)
         if self.cfg.fail_policy == "closed":
             raise exc
-        return "prompter_rejected_prompt"
+        return REJECTED
 
     def _unavailable(self, exc: Exception) -> str:
         """Fail-closed answers 503 for a failed prompter; fail-open serves the original prompt and says why."""
@@ -337,7 +340,7 @@ class PrompterStage:
             raise UpstreamUnavailableError(
                 f"the prompter is unavailable ({type(exc).__name__})", code="prompter_unavailable"
             ) from exc
-        return "prompter_unavailable"
+        return UNAVAILABLE
 
     def _outcome(self, info: AlignProInfo, text: str, out: str | None, reason: str | None) -> Rewrite:
         """What to send: the rewrite ``out`` under the contract, or the original ``text`` when there is none."""

@@ -432,8 +432,15 @@ class Gateway:
         self._check_fields(route, req.model_extra, req.messages)
         mode, contract = self._mode(route, req.alignpro, who)
         self._screen_chat(route, mode, req.messages)
-        as_sent = req.upstream_payload(route.upstream_model, messages=[m.wire() for m in req.messages])
-        held = self._speculate(route, who, mode, contract, as_sent, req.stream, "chat")
+        held = self._speculate(
+            route,
+            who,
+            mode,
+            contract,
+            lambda: req.upstream_payload(route.upstream_model, messages=[m.wire() for m in req.messages]),
+            req.stream,
+            "chat",
+        )
         messages, rw = await guarded(
             held,
             self._prompt_messages(
@@ -472,7 +479,13 @@ class Gateway:
         # A completion has one length field upstream (max_tokens); max_completion_tokens is its chat name.
         replace: dict[str, Any] = {"max_tokens": req.output_limit()} if req.max_completion_tokens else {}
         held = self._speculate(
-            route, who, mode, contract, _completion_body(req, route, replace), req.stream, "completion"
+            route,
+            who,
+            mode,
+            contract,
+            lambda: _completion_body(req, route, replace),
+            req.stream,
+            "completion",
         )
         rw = await guarded(
             held, self._apply_prompter(route, text, mode, contract, scope=who.id, on_rewrite=_cancel(held))
@@ -503,8 +516,15 @@ class Gateway:
         # `instructions` is the caller's system prompt, screened like a system message
         system = [ChatMessage(role="system", content=req.instructions)] if req.instructions else []
         self._screen_chat(route, mode, system + turns)
-        as_sent = req.upstream_payload(route.upstream_model, **_responses_input(req, {}))
-        held = self._speculate(route, who, mode, contract, as_sent, req.stream, "responses")
+        held = self._speculate(
+            route,
+            who,
+            mode,
+            contract,
+            lambda: req.upstream_payload(route.upstream_model, **_responses_input(req, {})),
+            req.stream,
+            "responses",
+        )
         applied, rw = await guarded(
             held,
             self._rewrite_turns(route, turns, mode, contract, req.agent_signals(), who.id, _cancel(held)),
@@ -519,15 +539,16 @@ class Gateway:
         who: Principal,
         mode: Mode,
         contract: Contract,
-        body: dict[str, Any],
+        as_sent: Callable[[], dict[str, Any]],
         stream: bool,
         kind: Api,
     ) -> Held | None:
-        """With ``prompter.speculative``, start the frozen model on the request as sent (``body``) now; see
-        :mod:`alignpro.server.speculative`. Augment always adds a guidance and rho* is K answers already: no."""
+        """With ``prompter.speculative``, start the frozen model on the request as sent (``as_sent()``, built only
+        then) now; see :mod:`alignpro.server.speculative`. Augment always adds a guidance and rho* is K answers
+        already: no."""
         if not route.cfg.prompter.speculative or mode in ("off", "optimal") or contract != "rewrite":
             return None
-        body, _ = self._upstream_body(who, body, stream, kind)
+        body, _ = self._upstream_body(who, as_sent(), stream, kind)
         return Held(body, self._open(route, body, stream, kind))
 
     def _upstream_body(
